@@ -1,0 +1,148 @@
+"""Typed configs, YAML recipes and `--set a.b=c` overrides, with one-line errors that name the key.
+
+A recipe names its stages; each stage says which registered stage function it runs, which earlier
+stages feed it, and its config:
+
+    name: quickstart
+    stages:
+      corpus:    {stage: data.prepare, config: {min_chars: 64}}
+      tokenizer: {stage: tokenizer.train, inputs: {corpus: corpus}, config: {vocab_size: 8192}}
+
+`--set tokenizer.vocab_size=4096` is shorthand for `--set stages.tokenizer.config.vocab_size=4096`.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmloom.errors import ConfigError
+
+
+class StrictConfig(BaseModel):
+    """Base of every stage config: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageSpec(StrictConfig):
+    stage: str
+    inputs: dict[str, str] = {}
+    config: dict[str, Any] = {}
+
+
+class Recipe(StrictConfig):
+    name: str
+    description: str = ""
+    stages: dict[str, StageSpec]
+
+
+def format_validation_error(exc: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: the dotted key, the offending value and what is allowed."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        key = ".".join([prefix, *loc] if prefix else loc)
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1]) if model else None
+            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{key}: unknown key (value {err['input']!r}){hint}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key} = {err['input']!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the (possibly nested) model at `loc`, for 'allowed:' hints."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def validate_config(model: type[BaseModel], data: dict[str, Any], prefix: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, prefix, model)) from None
+
+
+# -- recipes ------------------------------------------------------------------------------------
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("lmloom.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_recipe_text(ref: str) -> tuple[str, str]:
+    """(text, where) of a recipe file path or a built-in recipe name."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {ref} does not exist")
+        return path.read_text(encoding="utf-8"), str(path)
+    if ref in builtin_recipes():
+        return resources.files("lmloom.recipes").joinpath(f"{ref}.yaml").read_text(encoding="utf-8"), ref
+    raise ConfigError(f"unknown recipe {ref!r}; built-in recipes: {', '.join(builtin_recipes())}")
+
+
+def load_recipe(ref: str, overrides: list[str] = ()) -> Recipe:
+    text, where = read_recipe_text(ref)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {where}: expected a mapping with 'name' and 'stages' at the top")
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "", Recipe)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a raw recipe dict, expanding stage shorthand."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. pretrain.max_steps=200")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = expand_key(raw, key.strip().split("."))
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def expand_key(raw: dict[str, Any], parts: list[str]) -> list[str]:
+    if parts[0] in Recipe.model_fields:
+        return parts
+    stages = raw.get("stages") or {}
+    if parts[0] not in stages:
+        known = ", ".join(sorted(stages)) or "none"
+        raise ConfigError(
+            f"--set {'.'.join(parts)}: {parts[0]!r} is neither a recipe key (name, description, stages) "
+            f"nor a stage of this recipe (stages: {known})"
+        )
+    if len(parts) > 1 and parts[1] in StageSpec.model_fields:
+        return ["stages", *parts]
+    return ["stages", parts[0], "config", *parts[1:]]

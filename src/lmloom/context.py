@@ -1,0 +1,46 @@
+"""What a stage may use: the store, the audit log, who is acting, a console, a scratch dir for resume.
+
+Stages get every capability through this object and never reach for globals, so tests and other
+front-ends (a server, a sweep) can hand them their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from lmloom.artifacts.store import ArtifactStore
+from lmloom.monitor.progress import progress_bar
+from lmloom.security.audit import AuditLog
+from lmloom.security.identity import current_principal
+
+
+@dataclass
+class RunContext:
+    store: ArtifactStore
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    principal: str = field(default_factory=current_principal)
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.store.root / "audit.jsonl")
+
+    def for_stage(self, step: str, stage_key: str) -> StageContext:
+        return StageContext(self.store, self.console, self.principal, step, self.store.work_dir(stage_key))
+
+
+@dataclass
+class StageContext:
+    store: ArtifactStore
+    console: Console
+    principal: str
+    step: str  # the recipe's name for this stage, e.g. "pretrain"
+    work_dir: Path  # survives interruption; the same stage key finds it again on re-run
+
+    def progress(self, total: float | None, description: str, unit: str = "it"):
+        return progress_bar(self.console, total, f"{self.step}: {description}", unit)
+
+    def log(self, message: str) -> None:
+        self.console.print(f"[dim]{self.step}:[/dim] {message}", highlight=False)

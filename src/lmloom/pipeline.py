@@ -1,0 +1,176 @@
+"""Run a recipe: stages in dependency order, each cached by its stage key, each audited.
+
+The stage key is the hash of (stage name, stage version, full config, input artifact ids). A finished
+stage with the same key is reused after its artifact verifies; an unfinished one finds its scratch
+directory again and resumes from there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+
+from lmloom.artifacts.hashing import sha256_json
+from lmloom.artifacts.store import Artifact
+from lmloom.config import Recipe, StrictConfig, validate_config
+from lmloom.context import RunContext
+from lmloom.errors import ConfigError
+from lmloom.stages import Stage, config_dict, get_stage
+
+ARTIFACT_REF = "artifact:"
+
+
+@dataclass(frozen=True)
+class PlannedStep:
+    name: str
+    stage: Stage
+    config: StrictConfig
+    inputs: dict[str, str]  # role -> step name, or "artifact:<id>"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    name: str
+    stage: Stage
+    artifact: Artifact
+    reused: bool
+    seconds: float
+
+
+def plan(recipe: Recipe) -> list[PlannedStep]:
+    """Validate every stage config and input reference, and order the steps so inputs come first."""
+    steps: dict[str, PlannedStep] = {}
+    for name, spec in recipe.stages.items():
+        stage = get_stage(spec.stage)
+        config = validate_config(stage.config, spec.config, f"stages.{name}.config")
+        missing = sorted(stage.inputs.keys() - spec.inputs.keys())
+        extra = sorted(spec.inputs.keys() - stage.inputs.keys())
+        if missing or extra:
+            need = ", ".join(f"{role} ({kind})" for role, kind in stage.inputs.items()) or "none"
+            bad = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}"
+            raise ConfigError(f"stages.{name}.inputs: {bad}; {spec.stage} takes inputs: {need}")
+        for role, ref in spec.inputs.items():
+            if not ref.startswith(ARTIFACT_REF) and ref not in recipe.stages:
+                raise ConfigError(
+                    f"stages.{name}.inputs.{role} = {ref!r}: no such stage in this recipe "
+                    f"(stages: {', '.join(recipe.stages)}; or use artifact:<id>)"
+                )
+        steps[name] = PlannedStep(name, stage, config, dict(spec.inputs))
+    return _topological(steps)
+
+
+def _topological(steps: dict[str, PlannedStep]) -> list[PlannedStep]:
+    ordered: list[PlannedStep] = []
+    state: dict[str, str] = {}
+
+    def visit(name: str, chain: list[str]) -> None:
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "visiting":
+            raise ConfigError(f"stages form a cycle: {' -> '.join([*chain, name])}")
+        state[name] = "visiting"
+        for ref in steps[name].inputs.values():
+            if not ref.startswith(ARTIFACT_REF):
+                visit(ref, [*chain, name])
+        state[name] = "done"
+        ordered.append(steps[name])
+
+    for name in steps:
+        visit(name, [])
+    return ordered
+
+
+def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str]) -> str:
+    return sha256_json(
+        {"stage": stage.name, "version": stage.version, "config": config_dict(config), "inputs": input_ids}
+    )
+
+
+def run_recipe(recipe: Recipe, ctx: RunContext) -> list[StepResult]:
+    produced: dict[str, Artifact] = {}
+    results: list[StepResult] = []
+    for step in plan(recipe):
+        inputs = {role: _resolve_input(ref, produced, ctx) for role, ref in step.inputs.items()}
+        result = run_step(step, inputs, ctx)
+        produced[step.name] = result.artifact
+        results.append(result)
+    return results
+
+
+def _resolve_input(ref: str, produced: dict[str, Artifact], ctx: RunContext) -> Artifact:
+    if ref.startswith(ARTIFACT_REF):
+        return ctx.store.open(ref[len(ARTIFACT_REF) :])
+    return produced[ref]
+
+
+def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) -> StepResult:
+    stage = step.stage
+    for role, artifact in inputs.items():
+        want = stage.inputs[role]
+        if artifact.kind != want:
+            raise ConfigError(
+                f"stages.{step.name}.inputs.{role}: artifact {artifact.short_id} is a {artifact.kind}, "
+                f"{stage.name} needs a {want}"
+            )
+    input_ids = {role: artifact.id for role, artifact in inputs.items()}
+    key = stage_key(stage, step.config, input_ids)
+    started = time.perf_counter()
+
+    cached = ctx.store.find_by_stage_key(key)
+    if cached:
+        artifact = ctx.store.open(cached)  # a tampered cached artifact is refused, never reused
+        ctx.audit.append(
+            "stage.reuse", ctx.principal, step=step.name, stage=stage.name, stage_key=key, outputs=[artifact.id]
+        )
+        return StepResult(step.name, stage, artifact, True, time.perf_counter() - started)
+
+    config_json = config_dict(step.config)
+    ctx.audit.append(
+        "stage.start",
+        ctx.principal,
+        step=step.name,
+        stage=stage.name,
+        stage_key=key,
+        inputs=sorted(input_ids.values()),
+        config_hash=sha256_json(config_json),
+    )
+    stage_ctx = ctx.for_stage(step.name, key)
+    out = ctx.store.create(
+        kind=stage.kind,
+        stage=stage.name,
+        config=config_json,
+        inputs=input_ids,
+        stage_key=key,
+        principal=ctx.principal,
+    )
+    try:
+        stage.run(step.config, inputs, stage_ctx, out)
+        artifact = out.commit()
+    except BaseException as exc:
+        out.abort()
+        outcome = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+        ctx.audit.append(
+            "stage.end",
+            ctx.principal,
+            step=step.name,
+            stage=stage.name,
+            stage_key=key,
+            outcome=outcome,
+            error=f"{type(exc).__name__}: {exc}"[:500],
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        raise
+    shutil.rmtree(stage_ctx.work_dir, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    ctx.audit.append(
+        "stage.end",
+        ctx.principal,
+        step=step.name,
+        stage=stage.name,
+        stage_key=key,
+        outcome="ok",
+        outputs=[artifact.id],
+        seconds=round(seconds, 3),
+    )
+    return StepResult(step.name, stage, artifact, False, seconds)

@@ -1,0 +1,187 @@
+"""A tamper-evident, append-only audit log.
+
+Each JSONL entry carries its sequence number, the hash of the entry before it and its own hash, so
+editing, deleting or reordering any entry breaks the chain at that entry. Cutting entries off the end
+leaves a valid chain, so a separate head file records the last sequence number and hash: a log shorter
+than its head was truncated.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lmloom.artifacts.atomic import write_text_atomic
+from lmloom.artifacts.hashing import canonical_json, sha256_bytes
+from lmloom.errors import IntegrityError
+
+GENESIS = "0" * 64
+
+
+def entry_hash(entry: dict[str, Any]) -> str:
+    return sha256_bytes(canonical_json({k: v for k, v in entry.items() if k != "hash"}))
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    line: int  # 1-based line in the file; 0 when the problem is the head file
+    seq: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        entry = f"entry {self.seq}" if self.seq is not None else "entry ?"
+        return f"{entry} (line {self.line}): {self.reason}" if self.line else self.reason
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    entries: int
+    problem: AuditProblem | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+class AuditLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.head_path = self.path.with_suffix(".head.json")
+        self.lock_path = self.path.with_suffix(".lock")
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        # Several processes (pipeline, torchrun ranks, the server) may append at once.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def append(self, event: str, principal: str, **fields: Any) -> dict[str, Any]:
+        """Append one entry chained to the current last entry; refuses to extend a broken tail."""
+        with self._locked():
+            seq, prev = self._tail()
+            entry = {
+                "seq": seq + 1,
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "principal": principal,
+                "event": event,
+                **fields,
+                "prev": prev,
+            }
+            entry["hash"] = entry_hash(entry)
+            line = json.dumps(entry, ensure_ascii=False, sort_keys=False) + "\n"
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8"))  # one write: an entry is never interleaved
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            write_text_atomic(self.head_path, json.dumps({"seq": entry["seq"], "hash": entry["hash"]}))
+            return entry
+
+    def _tail(self) -> tuple[int, str]:
+        """(seq, hash) of the last entry, or (-1, GENESIS) for an empty log."""
+        last = _last_line(self.path)
+        if last is None:
+            if self.head_path.exists():
+                raise IntegrityError(f"audit log {self.path} is empty but its head records entries (truncated)")
+            return -1, GENESIS
+        try:
+            entry = json.loads(last)
+            if entry_hash(entry) != entry["hash"]:
+                raise ValueError("hash mismatch")
+            return int(entry["seq"]), entry["hash"]
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError(
+                f"audit log {self.path}: the last entry is damaged; run `lmloom audit verify`"
+            ) from None
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """Parsed entries in file order (unverified: use `verify` to check them)."""
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+
+    def verify(self) -> AuditReport:
+        count = 0
+        expected_prev, expected_seq = GENESIS, 0
+        if self.path.exists():
+            with open(self.path, "rb") as handle:
+                for line_no, raw in enumerate(handle, start=1):
+                    problem = _check_line(raw, line_no, expected_seq, expected_prev)
+                    if problem:
+                        return AuditReport(count, problem)
+                    entry = json.loads(raw)
+                    expected_prev, expected_seq = entry["hash"], expected_seq + 1
+                    count += 1
+        return AuditReport(count, self._check_head(count, expected_prev))
+
+    def _check_head(self, count: int, last_hash: str) -> AuditProblem | None:
+        if not self.head_path.exists():
+            return None if count == 0 else AuditProblem(0, None, f"head file {self.head_path.name} is missing")
+        try:
+            head = json.loads(self.head_path.read_text())
+            head_seq, head_hash = int(head["seq"]), str(head["hash"])
+        except (ValueError, KeyError, TypeError):
+            return AuditProblem(0, None, f"head file {self.head_path.name} is damaged")
+        if head_seq >= count:
+            return AuditProblem(
+                count + 1, count, f"missing: the head records entries up to {head_seq} (log truncated)"
+            )
+        # Entries past the head are tolerated (a crash between appending and updating the head)
+        # as long as they chain; the head entry itself must be the one recorded.
+        if head_seq == count - 1 and head_hash != last_hash:
+            return AuditProblem(count, head_seq, "does not match the hash recorded in the head file")
+        return None
+
+
+def _check_line(raw: bytes, line_no: int, expected_seq: int, expected_prev: str) -> AuditProblem | None:
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+        seq = entry.get("seq") if isinstance(entry, dict) else None
+    except (UnicodeDecodeError, ValueError):
+        return AuditProblem(line_no, None, "not a valid JSON entry (edited or corrupted)")
+    if not isinstance(entry, dict) or not {"seq", "prev", "hash"} <= entry.keys():
+        return AuditProblem(line_no, seq, "lacks seq/prev/hash fields")
+    if entry_hash(entry) != entry["hash"]:
+        return AuditProblem(line_no, seq, "content does not match its hash (edited)")
+    if seq != expected_seq:
+        return AuditProblem(
+            line_no, seq, f"expected entry {expected_seq} here (an entry was deleted or reordered)"
+        )
+    if entry["prev"] != expected_prev:
+        return AuditProblem(line_no, seq, "does not chain to the entry before it (deleted or reordered)")
+    return None
+
+
+def _last_line(path: Path) -> bytes | None:
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        end = handle.tell()
+        block, data = 4096, b""
+        pos = end
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            handle.seek(pos)
+            data = handle.read(step) + data
+            stripped = data.rstrip(b"\n")
+            if b"\n" in stripped:
+                return stripped.rsplit(b"\n", 1)[1]
+        return data.rstrip(b"\n") or None

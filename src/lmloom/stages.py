@@ -1,0 +1,62 @@
+"""The stage contract and the registry of every stage lmloom ships.
+
+A stage is a plain function `run(config, inputs, ctx, out)`: it reads verified input artifacts,
+writes files into `out.path` and facts into `out.metadata`. The pipeline owns everything around it:
+caching by stage key, the staging directory and atomic publish, and the audit entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Any
+
+from lmloom.artifacts.manifest import Manifest
+from lmloom.config import StrictConfig
+from lmloom.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str  # kind of the artifact it makes
+    config: type[StrictConfig]
+    run: Callable[..., None]
+    inputs: dict[str, str]  # role -> required artifact kind
+    version: int = 1  # bump when the same config and inputs would now produce different output
+    summary: Callable[[Manifest], list[tuple[str, str]]] | None = None
+    description: str = ""
+
+    def summarize(self, manifest: Manifest) -> list[tuple[str, str]]:
+        return self.summary(manifest) if self.summary else []
+
+
+# Imported lazily so `lmloom audit verify` does not pay for importing torch.
+_REGISTRY = {
+    "data.prepare": "lmloom.data.stage:PREPARE",
+    "tokenizer.train": "lmloom.tokenizers.stage:TRAIN",
+    "tokenizer.encode": "lmloom.tokenizers.stage:ENCODE",
+    "train.pretrain": "lmloom.train.stage:PRETRAIN",
+    "serve.samples": "lmloom.serve.stage:SAMPLES",
+}
+
+
+def stage_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_stage(name: str) -> Stage:
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise ConfigError(f"unknown stage {name!r}; available: {', '.join(stage_names())}")
+    module, attr = target.split(":")
+    return getattr(import_module(module), attr)
+
+
+def stage_for_manifest(manifest: Manifest) -> Stage | None:
+    return get_stage(manifest.stage) if manifest.stage in _REGISTRY else None
+
+
+def config_dict(config: StrictConfig) -> dict[str, Any]:
+    return config.model_dump(mode="json")
