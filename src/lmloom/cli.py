@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -36,7 +36,7 @@ err = Console(stderr=True)
 
 
 class State:
-    store_path: Optional[Path] = None
+    store_path: Path | None = None
 
 
 def _store():
@@ -54,7 +54,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main_options(
     store: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option("--store", envvar="LMLOOM_HOME", help="Artifact store directory [default: ~/.lmloom]"),
     ] = None,
     version: Annotated[
@@ -66,20 +66,21 @@ def main_options(
 
 # -- run ----------------------------------------------------------------------------------------
 
+
 @app.command()
 def run(
     recipe: Annotated[
         str, typer.Argument(help="A recipe YAML file or a built-in recipe name (see `lmloom recipes`).")
     ] = "quickstart",
     set_: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--set",
             "-s",
             help="Override a recipe value: STAGE.KEY=VALUE (e.g. pretrain.max_steps=50), or a full "
             "path such as stages.pretrain.config.optim.lr=1e-3. Values are parsed as YAML. Repeatable.",
         ),
-    ] = [],
+    ] = None,
 ) -> None:
     """Run a recipe: every stage in order, reusing finished ones and resuming an interrupted one.
 
@@ -90,7 +91,7 @@ def run(
     from lmloom.context import RunContext
     from lmloom.pipeline import run_recipe
 
-    loaded = load_recipe(recipe, set_)
+    loaded = load_recipe(recipe, set_ or [])
     ctx = RunContext(_store(), console=err)
     err.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}", highlight=False)
     try:
@@ -127,7 +128,7 @@ def _print_run_summary(results, store_root: Path) -> None:
 
 
 @app.command()
-def recipes(name: Annotated[Optional[str], typer.Argument(help="Show this recipe's YAML.")] = None) -> None:
+def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's YAML.")] = None) -> None:
     """List the built-in recipes, or print one to copy and edit."""
     from lmloom.config import builtin_recipes, read_recipe_text
 
@@ -155,15 +156,16 @@ def stages() -> None:
 
 # -- generate -----------------------------------------------------------------------------------
 
+
 @app.command()
 def generate(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint artifact id (a unique prefix is enough).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_tokens: Annotated[int, typer.Option(min=1, help="Maximum new tokens.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy decoding.")] = 0.8,
-    top_k: Annotated[Optional[int], typer.Option(min=1, help="Keep the k most likely tokens.")] = 50,
-    top_p: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    top_k: Annotated[int | None, typer.Option(min=1, help="Keep the k most likely tokens.")] = 50,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
 ) -> None:
     """Continue a prompt with a trained checkpoint (KV-cached decoding), streaming the text."""
     from lmloom.serve.generate import stream
@@ -194,8 +196,9 @@ def generate(
 
 # -- artifacts ----------------------------------------------------------------------------------
 
+
 @artifacts_app.command("ls")
-def artifacts_ls(kind: Annotated[Optional[str], typer.Option(help="Only this kind.")] = None) -> None:
+def artifacts_ls(kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None) -> None:
     """List artifacts, newest first."""
     store = _store()
     rows = []
@@ -208,7 +211,16 @@ def artifacts_ls(kind: Annotated[Optional[str], typer.Option(help="Only this kin
         if kind and manifest.kind != kind:
             continue
         size = sum(f.size for f in manifest.files.values())
-        rows.append((manifest.created, artifact_id[:12], manifest.kind, manifest.stage, _size(size), manifest.principal))
+        rows.append(
+            (
+                manifest.created,
+                artifact_id[:12],
+                manifest.kind,
+                manifest.stage,
+                _size(size),
+                manifest.principal,
+            )
+        )
     table = Table()
     for column in ("created", "id", "kind", "stage", "size", "principal"):
         table.add_column(column)
@@ -226,7 +238,7 @@ def artifacts_show(artifact: Annotated[str, typer.Argument(help="Artifact id or 
 
 @artifacts_app.command("verify")
 def artifacts_verify(
-    artifact: Annotated[Optional[str], typer.Argument(help="Artifact id or prefix [default: all]")] = None,
+    artifact: Annotated[str | None, typer.Argument(help="Artifact id or prefix [default: all]")] = None,
 ) -> None:
     """Re-hash every file of one artifact (or all) against its manifest; exit 3 on any mismatch."""
     store = _store()
@@ -235,7 +247,9 @@ def artifacts_verify(
     for artifact_id in ids:
         try:
             verified = store.open(artifact_id)
-            out.print(f"[green]ok[/green]   {artifact_id[:12]}  {verified.kind}  ({len(verified.manifest.files)} files)")
+            out.print(
+                f"[green]ok[/green]   {artifact_id[:12]}  {verified.kind}  ({len(verified.manifest.files)} files)"
+            )
         except IntegrityError as exc:
             failures += 1
             out.print(f"[red]FAIL[/red] {exc}", highlight=False)
@@ -272,6 +286,7 @@ def _size(n: int) -> str:
 
 # -- audit --------------------------------------------------------------------------------------
 
+
 def _audit():
     from lmloom.security.audit import AuditLog
 
@@ -290,7 +305,9 @@ def audit_verify() -> None:
 
 
 @audit_app.command("show")
-def audit_show(last: Annotated[int, typer.Option(help="Show only the last N entries (0 = all).")] = 50) -> None:
+def audit_show(
+    last: Annotated[int, typer.Option(help="Show only the last N entries (0 = all).")] = 50,
+) -> None:
     """Print the audit log as a table (newest last)."""
     entries = list(_audit().entries())
     shown = entries[-last:] if last else entries
@@ -308,8 +325,13 @@ def audit_show(last: Annotated[int, typer.Option(help="Show only the last N entr
         if "seconds" in e:
             details.append(f"{e['seconds']:.1f}s")
         table.add_row(
-            str(e.get("seq")), str(e.get("time", ""))[:23], str(e.get("principal", "")), str(e.get("event", "")),
-            str(e.get("step", "")), str(e.get("stage", "")), "  ".join(details),
+            str(e.get("seq")),
+            str(e.get("time", ""))[:23],
+            str(e.get("principal", "")),
+            str(e.get("event", "")),
+            str(e.get("step", "")),
+            str(e.get("stage", "")),
+            "  ".join(details),
         )
     out.print(table)
     if len(shown) < len(entries):

@@ -78,8 +78,11 @@ def validate_config(model: type[BaseModel], data: dict[str, Any], prefix: str) -
 
 # -- recipes ------------------------------------------------------------------------------------
 
+
 def builtin_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("lmloom.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("lmloom.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def read_recipe_text(ref: str) -> tuple[str, str]:

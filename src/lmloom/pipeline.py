@@ -121,7 +121,12 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
     if cached:
         artifact = ctx.store.open(cached)  # a tampered cached artifact is refused, never reused
         ctx.audit.append(
-            "stage.reuse", ctx.principal, step=step.name, stage=stage.name, stage_key=key, outputs=[artifact.id]
+            "stage.reuse",
+            ctx.principal,
+            step=step.name,
+            stage=stage.name,
+            stage_key=key,
+            outputs=[artifact.id],
         )
         return StepResult(step.name, stage, artifact, True, time.perf_counter() - started)
 

@@ -142,7 +142,9 @@ class ArtifactStore:
         """Full id from a full id or a unique prefix of at least 4 hex digits."""
         ref = ref.strip().lower()
         if len(ref) < 4:
-            raise LmloomError(f"artifact reference {ref!r} is too short; give at least 4 characters of the id")
+            raise LmloomError(
+                f"artifact reference {ref!r} is too short; give at least 4 characters of the id"
+            )
         matches = [i for i in self.ids() if i.startswith(ref)]
         if not matches:
             raise LmloomError(f"no artifact with id {ref!r} in store {self.root}")

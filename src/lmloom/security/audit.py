@@ -95,7 +95,9 @@ class AuditLog:
         last = _last_line(self.path)
         if last is None:
             if self.head_path.exists():
-                raise IntegrityError(f"audit log {self.path} is empty but its head records entries (truncated)")
+                raise IntegrityError(
+                    f"audit log {self.path} is empty but its head records entries (truncated)"
+                )
             return -1, GENESIS
         try:
             entry = json.loads(last)
@@ -132,7 +134,9 @@ class AuditLog:
 
     def _check_head(self, count: int, last_hash: str) -> AuditProblem | None:
         if not self.head_path.exists():
-            return None if count == 0 else AuditProblem(0, None, f"head file {self.head_path.name} is missing")
+            return (
+                None if count == 0 else AuditProblem(0, None, f"head file {self.head_path.name} is missing")
+            )
         try:
             head = json.loads(self.head_path.read_text())
             head_seq, head_hash = int(head["seq"]), str(head["hash"])
