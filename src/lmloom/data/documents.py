@@ -1,0 +1,98 @@
+"""What flows through the data stage: documents, and rejects for input that could not become one.
+
+A `Document` is one training text with where it came from. A `Reject` is a record a source could not
+turn into a document (bad bytes, bad JSON, a missing field): it is written to `rejects.jsonl` with its
+reason and location, and reading goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+Kind = Literal["code", "prose"]
+
+# Why a source could not read a record (the `reason` of a Reject).
+INVALID_UTF8 = "invalid-utf8"
+INVALID_UNICODE = "invalid-unicode"  # decodes, but holds lone surrogates that no UTF-8 file can store
+INVALID_JSON = "invalid-json"
+NOT_AN_OBJECT = "not-an-object"
+MISSING_FIELD = "missing-field"
+FIELD_NOT_STRING = "field-not-string"
+UNREADABLE_FILE = "unreadable-file"  # e.g. a truncated .gz: the rest of that file is lost, not the run
+
+EXCERPT_CHARS = 120
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    id: str
+    text: str
+    kind: Kind
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def with_text(self, text: str) -> Document:
+        return self if text == self.text else replace(self, text=text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "text": self.text, "kind": self.kind, "source": self.source, "meta": self.meta}
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    source: str
+    location: str  # "path:line", or "path" when the whole file is rejected
+    reason: str
+    excerpt: str = ""
+    detail: str = ""  # the parser's own words, e.g. "Expecting ',' delimiter: line 1 column 9"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "location": self.location,
+            "reason": self.reason,
+            "excerpt": self.excerpt,
+            "detail": self.detail,
+        }
+
+
+def excerpt(raw: str | bytes, limit: int = EXCERPT_CHARS) -> str:
+    """A short one-line view of bad input; undecodable bytes show as \\xNN escapes."""
+    text = raw.decode("utf-8", errors="backslashreplace") if isinstance(raw, bytes) else raw
+    text = text.encode("utf-8", errors="backslashreplace").decode("utf-8")  # lone surrogates
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def decode_error_line(data: bytes, exc: UnicodeDecodeError) -> int:
+    """1-based line of the first undecodable byte, so a reject can point at it."""
+    return data.count(b"\n", 0, exc.start) + 1
+
+
+class JsonlWriter:
+    """Writes one JSON object per line (UTF-8, no ASCII escaping) and counts the records."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records = 0
+        self._handle = open(path, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.records += 1
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,215 @@
+"""`data.prepare`: read sources, clean, deduplicate and split them into a corpus artifact.
+
+The corpus artifact holds
+
+    train.jsonl     one {"id", "text", "kind", "source", "meta"} object per line
+    val.jsonl       the same, for the validation split (see lmloom.data.split)
+    rejects.jsonl   every record a source could not read: {"source", "location", "reason", "excerpt", "detail"}
+    removed.jsonl   every document a cleaning step dropped: {"id", "source", "step", "reason"}
+
+and its manifest metadata holds the totals, removals and rejects by reason, and per-step statistics.
+Documents stream from the sources through the steps into the files one at a time; only the dedup
+digests and two held-back documents (see SplitWriter) stay in memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from lmloom.artifacts.manifest import Manifest
+from lmloom.artifacts.store import Artifact, ArtifactWriter
+from lmloom.config import StrictConfig
+from lmloom.context import StageContext
+from lmloom.data.documents import Document, JsonlWriter, Reject, utf8_len
+from lmloom.data.sources import SourceConfig, read_source, source_fingerprint
+from lmloom.data.split import SplitWriter
+from lmloom.data.stdlib_corpus import StdlibSource
+from lmloom.data.steps import NormalForm, Step, build_steps, run_steps
+from lmloom.errors import DataError
+from lmloom.stages import Stage
+
+FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl")
+_PROGRESS_EVERY = 64
+
+
+class PrepareConfig(StrictConfig):
+    sources: list[SourceConfig] = Field(default_factory=lambda: [StdlibSource()], min_length=1)
+    normalize: NormalForm = "NFC"
+    min_chars: int = Field(32, ge=0)  # shorter documents (ignoring surrounding whitespace) are dropped
+    dedup: bool = True  # drop exact duplicates of an earlier document's text
+    val_fraction: float = Field(0.02, ge=0.0, le=0.5)
+
+
+def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, out: ArtifactWriter) -> None:
+    root = Path(out.path)
+    steps = build_steps(config.normalize, config.min_chars, config.dedup)
+    sources: list[dict[str, Any]] = []
+    rejected: Counter[str] = Counter()
+
+    with (
+        JsonlWriter(root / "train.jsonl") as train,
+        JsonlWriter(root / "val.jsonl") as val,
+        JsonlWriter(root / "rejects.jsonl") as rejects,
+        JsonlWriter(root / "removed.jsonl") as removed,
+        ctx.progress(None, "reading and cleaning documents") as bar,
+    ):
+        splitter = SplitWriter(
+            {"train": lambda doc: train.write(doc.to_json()), "val": lambda doc: val.write(doc.to_json())},
+            config.val_fraction,
+        )
+
+        def on_reject(reject: Reject) -> None:
+            rejects.write(reject.to_json())
+            rejected[reject.reason] += 1
+
+        def on_drop(doc: Document, step: str, reason: str) -> None:
+            removed.write({"id": doc.id, "source": doc.source, "step": step, "reason": reason})
+
+        def on_read(count: int) -> None:
+            if count % _PROGRESS_EVERY == 0:
+                bar.update(count, note=f"{splitter.written:,} kept")
+
+        for doc in run_steps(read_documents(config.sources, sources, on_reject, on_read), steps, on_drop):
+            splitter.add(doc)
+        splitter.finish()
+        bar.update(sum(s["documents"] for s in sources), note=f"{splitter.written:,} kept")
+
+    meta = corpus_metadata(config, sources, steps, splitter, rejected)
+    out.metadata.update(meta)
+    if meta["documents"]["kept"] == 0:
+        raise DataError(_nothing_left(config, meta))
+    docs = meta["documents"]
+    ctx.log(
+        f"kept {docs['kept']:,} of {docs['read']:,} documents ({human_bytes(meta['bytes']['kept'])}), "
+        f"train {docs['train']:,} / val {docs['val']:,}; removed: {_counts(docs['removed']) or 'none'}; "
+        f"rejected: {_counts(meta['rejects']['by_reason']) or 'none'}"
+    )
+
+
+def corpus_metadata(
+    config: PrepareConfig,
+    sources: list[dict[str, Any]],
+    steps: list[Step],
+    splitter: SplitWriter,
+    rejected: Counter[str],
+) -> dict[str, Any]:
+    removed: Counter[str] = Counter()
+    for step in steps:
+        removed.update(step.stats.removed)
+    kinds = Counter(splitter.kinds["train"]) + Counter(splitter.kinds["val"])
+    return {
+        "documents": {
+            "read": sum(s["documents"] for s in sources),
+            "kept": splitter.written,
+            "train": splitter.docs["train"],
+            "val": splitter.docs["val"],
+            "removed": dict(sorted(removed.items())),
+            "kept_by_kind": dict(sorted(kinds.items())),
+        },
+        "bytes": {
+            "read": sum(s["bytes"] for s in sources),
+            "kept": splitter.bytes["train"] + splitter.bytes["val"],
+            "train": splitter.bytes["train"],
+            "val": splitter.bytes["val"],
+        },
+        "rejects": {"total": sum(rejected.values()), "by_reason": dict(sorted(rejected.items()))},
+        "sources": sources,
+        "steps": [step.stats.to_json() for step in steps],
+        "split": {"val_fraction": config.val_fraction, "rule": "sha256(text)[:8] / 2**64 < val_fraction"},
+    }
+
+
+def read_documents(
+    configs: list[SourceConfig],
+    stats: list[dict[str, Any]],
+    on_reject: Callable[[Reject], None],
+    on_read: Callable[[int], None] = lambda count: None,
+) -> Iterator[Document]:
+    """Documents of every source in order; rejects go to `on_reject`, per-source counts into `stats`."""
+    count = 0
+    for cfg in configs:
+        notes: dict[str, Any] = {}
+        entry = {"type": cfg.type, "name": cfg.label, "documents": 0, "bytes": 0, "rejects": 0}
+        stats.append(entry)
+        for record in read_source(cfg, notes):
+            if isinstance(record, Reject):
+                entry["rejects"] += 1
+                on_reject(record)
+                continue
+            entry["documents"] += 1
+            entry["bytes"] += utf8_len(record.text)
+            count += 1
+            on_read(count)
+            yield record
+        entry.update(notes)
+
+
+def _nothing_left(config: PrepareConfig, meta: dict[str, Any]) -> str:
+    docs, rejects = meta["documents"], meta["rejects"]
+    names = ", ".join(s["name"] for s in meta["sources"])
+    message = f"no documents left: read {docs['read']:,} documents from {names}"
+    if docs["removed"]:
+        message += f"; removed {_counts(docs['removed'])}"
+        if docs["removed"].get("short"):
+            message += f" (min_chars={config.min_chars})"
+    if rejects["total"]:
+        message += f"; rejected {rejects['total']:,} records ({_counts(rejects['by_reason'])})"
+    if docs["read"] == 0 and not rejects["total"]:
+        message += "; check the source paths and patterns"
+    return message
+
+
+def fingerprint(config: PrepareConfig) -> list[str]:
+    """What the sources hold now (paths, sizes, mtimes), for a stage key that notices edited input."""
+    return [source_fingerprint(source) for source in config.sources]
+
+
+# -- summary --------------------------------------------------------------------------------------
+
+
+def summary(manifest: Manifest) -> list[tuple[str, str]]:
+    meta = manifest.metadata
+    docs, size, rejects = meta["documents"], meta["bytes"], meta["rejects"]
+    by_kind = ", ".join(f"{kind} {n:,}" for kind, n in docs["kept_by_kind"].items())
+    return [
+        ("documents kept", f"{docs['kept']:,} of {docs['read']:,}" + (f" ({by_kind})" if by_kind else "")),
+        ("removed", _counts(docs["removed"]) or "none"),
+        (
+            "rejected records",
+            f"{rejects['total']:,} ({_counts(rejects['by_reason'])})" if rejects["total"] else "none",
+        ),
+        ("train / val docs", f"{docs['train']:,} / {docs['val']:,}"),
+        (
+            "corpus bytes",
+            f"{human_bytes(size['kept'])} (train {human_bytes(size['train'])}, "
+            f"val {human_bytes(size['val'])})",
+        ),
+    ]
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n:,}" for reason, n in counts.items())
+
+
+def human_bytes(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+PREPARE = Stage(
+    name="data.prepare",
+    kind="corpus",
+    config=PrepareConfig,
+    run=run,
+    inputs={},
+    summary=summary,
+    description="Read text sources, normalise, clean, deduplicate and split them into train/val JSONL.",
+    fingerprint=fingerprint,
+)
