@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -45,28 +46,80 @@ def format_validation_error(exc: ValidationError, prefix: str, model: type[BaseM
     """One line per problem: the dotted key, the offending value and what is allowed."""
     lines = []
     for err in exc.errors():
-        loc = [str(part) for part in err["loc"]]
+        loc, target = _walk(model, err["loc"]) if model else ([str(p) for p in err["loc"]], None)
         key = ".".join([prefix, *loc] if prefix else loc)
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(model, err["loc"][:-1]) if model else None
-            hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+            parent = _walk(model, err["loc"][:-1])[1] if model else None
+            hint = f"; allowed: {', '.join(sorted(parent.model_fields))}" if _is_model(parent) else ""
             lines.append(f"{key}: unknown key (value {err['input']!r}){hint}")
         elif err["type"] == "missing":
             lines.append(f"{key}: required key is missing")
+        elif err["type"] == "union_tag_not_found":
+            tags = ", ".join(_union_tags(target)) or "?"
+            lines.append(f"{key}: needs a '{err['ctx']['discriminator'].strip(chr(39))}' key, one of: {tags}")
         else:
             lines.append(f"{key} = {err['input']!r}: {err['msg']}")
     return "\n".join(lines)
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """Field names of the (possibly nested) model at `loc`, for 'allowed:' hints."""
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional[...] down to the type that matters for key lookup."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, UnionType) and type(None) in get_args(annotation):
+            rest = [a for a in get_args(annotation) if a is not type(None)]
+            if len(rest) != 1:
+                return annotation
+            annotation = rest[0]
+        else:
+            return annotation
+
+
+def _tagged_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Tag -> model for a union discriminated on a `type: Literal[...]` field."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else ()
+    tagged = {}
+    for member in map(_unwrap, members):
+        field = member.model_fields.get("type") if _is_model(member) else None
+        for tag in get_args(field.annotation) if field is not None else ():
+            tagged[str(tag)] = member
+    return tagged
+
+
+def _union_tags(annotation: Any) -> list[str]:
+    return list(_tagged_members(annotation))
+
+
+def _walk(model: type[BaseModel] | None, loc: tuple) -> tuple[list[str], Any]:
+    """Follow an error location through models, lists and tagged unions.
+
+    Returns the location as a user writes it (union tags, which pydantic inserts, are dropped) and
+    the annotation found there, so hints can list the keys a nested model allows.
+    """
+    shown: list[str] = []
+    annotation: Any = model
     for part in loc:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None) if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return sorted(model.model_fields)
+        annotation = _unwrap(annotation)
+        origin = get_origin(annotation)
+        if _is_model(annotation) and str(part) in annotation.model_fields:
+            annotation = annotation.model_fields[str(part)].annotation
+        elif origin in (list, tuple, set) and isinstance(part, int):
+            annotation = get_args(annotation)[0]
+        elif origin is dict:
+            annotation = get_args(annotation)[1]
+        elif str(part) in _tagged_members(annotation):
+            annotation = _tagged_members(annotation)[str(part)]
+            continue  # the tag is pydantic's, not part of the user's key
+        else:
+            annotation = None
+        shown.append(str(part))
+    return shown, _unwrap(annotation)
 
 
 def validate_config(model: type[BaseModel], data: dict[str, Any], prefix: str) -> BaseModel:

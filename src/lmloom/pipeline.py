@@ -1,6 +1,7 @@
 """Run a recipe: stages in dependency order, each cached by its stage key, each audited.
 
-The stage key is the hash of (stage name, stage version, full config, input artifact ids). A finished
+The stage key is the hash of (stage name, stage version, full config, input artifact ids, and a
+fingerprint of anything read from outside the store, such as the source files). A finished
 stage with the same key is reused after its artifact verifies; an unfinished one finds its scratch
 directory again and resumes from there.
 """
@@ -82,8 +83,15 @@ def _topological(steps: dict[str, PlannedStep]) -> list[PlannedStep]:
 
 
 def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str]) -> str:
+    outside = stage.fingerprint(config) if stage.fingerprint else None
     return sha256_json(
-        {"stage": stage.name, "version": stage.version, "config": config_dict(config), "inputs": input_ids}
+        {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": config_dict(config),
+            "inputs": input_ids,
+            "outside_inputs": outside,
+        }
     )
 
 

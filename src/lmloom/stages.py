@@ -27,6 +27,9 @@ class Stage:
     version: int = 1  # bump when the same config and inputs would now produce different output
     summary: Callable[[Manifest], list[tuple[str, str]]] | None = None
     description: str = ""
+    # What the stage reads from outside the store (files, an installation), digested, so that an
+    # edited source file under an unchanged config gives a new stage key instead of a stale reuse.
+    fingerprint: Callable[[Any], Any] | None = None
 
     def summarize(self, manifest: Manifest) -> list[tuple[str, str]]:
         return self.summary(manifest) if self.summary else []
