@@ -89,13 +89,14 @@ def run(
     """
     from lmloom.config import load_recipe
     from lmloom.context import RunContext
-    from lmloom.pipeline import run_recipe
+    from lmloom.pipeline import plan, run_plan
 
     loaded = load_recipe(recipe, set_ or [])
+    steps = plan(loaded)  # every config is validated before anything runs
     ctx = RunContext(_store(), console=err)
     err.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}", highlight=False)
     try:
-        results = run_recipe(loaded, ctx)
+        results = run_plan(steps, ctx)
     except KeyboardInterrupt:
         err.print("\n[yellow]interrupted[/yellow]: run the same command again to resume where it stopped")
         raise typer.Exit(130) from None

@@ -96,9 +96,13 @@ def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str]) -> 
 
 
 def run_recipe(recipe: Recipe, ctx: RunContext) -> list[StepResult]:
+    return run_plan(plan(recipe), ctx)
+
+
+def run_plan(steps: list[PlannedStep], ctx: RunContext) -> list[StepResult]:
     produced: dict[str, Artifact] = {}
     results: list[StepResult] = []
-    for step in plan(recipe):
+    for step in steps:
         inputs = {role: _resolve_input(ref, produced, ctx) for role, ref in step.inputs.items()}
         result = run_step(step, inputs, ctx)
         produced[step.name] = result.artifact

@@ -1,0 +1,3 @@
+from lmloom.cli import main
+
+main()
