@@ -1,0 +1,190 @@
+"""Training throughput of our `Decoder` against Hugging Face `LlamaForCausalLM` of the same shape.
+
+One training step = zero_grad + forward with loss + backward + AdamW step, identical optimizer settings on
+both sides, random tokens, both models starting from the same weights (ours converted to HF, so the first
+losses agree). Modes:
+
+  eager-fp32    plain PyTorch, float32
+  compile-bf16  torch.compile (default options) + torch.autocast(bfloat16), the fastest mode both support
+
+HF gets its fastest attention per mode: with `--hf-attn auto` (the default) its `sdpa` and `eager`
+implementations are both timed and the faster one is used (under torch.compile, inductor fuses HF's
+eager attention and it beats SDPA's CPU kernel). Compilation and warmup are never timed; timed steps
+alternate between the models so that background load hits both alike; the median step is reported.
+
+Usage:  python benchmarks/train_throughput.py [--modes eager-fp32,compile-bf16] [--steps 10] [--d-model ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+from lmloom.models.decoder import Decoder, DecoderConfig
+from lmloom.models.hf_llama import to_hf_config, to_hf_state_dict
+
+# The benchmark shape, in one place.
+DEFAULTS = dict(vocab_size=8192, seq_len=256, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=16)
+MODES = ("eager-fp32", "compile-bf16")
+HF_ATTENTION = ("sdpa", "eager")
+OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+def build_ours(args) -> Decoder:
+    cfg = DecoderConfig(
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+    )
+    torch.manual_seed(0)
+    return Decoder(cfg).train()
+
+
+def build_hf(ours: Decoder, attn_implementation: str) -> torch.nn.Module:
+    """HF Llama with our config and weights, the LM head tied like ours."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(to_hf_config(ours.config, attn_implementation=attn_implementation))
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    assert hf.config._attn_implementation == attn_implementation
+    return hf.train()
+
+
+def make_step(model: torch.nn.Module, is_hf: bool, mode: str, tokens: torch.Tensor):
+    """A closure running one full training step; returns the loss tensor."""
+    opt = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
+    fwd = torch.compile(model) if mode == "compile-bf16" else model
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        if mode == "compile-bf16"
+        else contextlib.nullcontext
+    )
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            # Each side as its users call it: HF shifts `labels` itself, ours takes the next tokens.
+            loss = fwd(input_ids=inputs, labels=inputs).loss if is_hf else fwd(inputs, targets)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def warm_up(name: str, step, n: int) -> None:
+    start = time.perf_counter()
+    loss = step().item()
+    for _ in range(n - 1):
+        step()
+    print(
+        f"  {name:10s} warmup {n} steps (compilation included) {time.perf_counter() - start:6.1f}s, "
+        f"first loss {loss:.4f}",
+        flush=True,
+    )
+
+
+def alternate(steps: dict, n: int) -> dict[str, list[float]]:
+    """Per-step seconds, one step of each model in turn, the order flipped every round."""
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(n):
+        for name in names if i % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_mode(mode: str, args) -> None:
+    tokens = torch.randint(
+        0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(1)
+    )
+    tok_per_step = args.batch_size * args.seq_len
+    ours = build_ours(args)
+    candidates = HF_ATTENTION if args.hf_attn == "auto" else (args.hf_attn,)
+    hf_models = {impl: build_hf(ours, impl) for impl in candidates}  # from the same initial weights
+    our_step = make_step(ours, False, mode, tokens)
+    warm_up("ours", our_step, args.warmup)
+    hf_steps = {}
+    for impl, hf in hf_models.items():
+        hf_steps[impl] = make_step(hf, True, mode, tokens)
+        warm_up(f"hf-{impl}", hf_steps[impl], args.warmup)
+    if len(hf_steps) > 1:  # HF's fastest attention for this mode, by measurement
+        probe = {impl: statistics.median(ts) for impl, ts in alternate(hf_steps, args.probe_steps).items()}
+        best = min(probe, key=probe.get)
+        print(
+            "  HF attention probe: "
+            + ", ".join(f"{impl} {tok_per_step / t:,.0f} tokens/s" for impl, t in probe.items())
+            + f" -> using {best!r}"
+        )
+    else:
+        best = candidates[0]
+
+    times = alternate({"ours": our_step, "hf": hf_steps[best]}, args.steps)
+    rate = {name: tok_per_step / statistics.median(ts) for name, ts in times.items()}
+    for name, label in (("ours", "ours (SDPA / blocked under compile)"), ("hf", f"HF ({best})")):
+        ts = times[name]
+        print(
+            f"  {label:36s} {rate[name]:8,.0f} tokens/s  (median of {len(ts)} steps; "
+            f"fastest {tok_per_step / min(ts):,.0f}, slowest {tok_per_step / max(ts):,.0f})"
+        )
+    paired = statistics.median(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
+    print(
+        f"  ratio ours/HF: {rate['ours'] / rate['hf']:.2f}x  (median of per-step pairs {paired:.2f}x)",
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in DEFAULTS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model, alternating the models")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation included)")
+    p.add_argument("--probe-steps", type=int, default=4, help="steps per HF attention candidate (auto)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--hf-attn", default="auto", choices=("auto", *HF_ATTENTION))
+    args = p.parse_args()
+    modes = args.modes.split(",")
+    if unknown := set(modes) - set(MODES):
+        p.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    torch.set_num_threads(args.threads)
+
+    import transformers
+
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}"
+    )
+    print(
+        "shape: "
+        + ", ".join(f"{k}={getattr(args, k)}" for k in DEFAULTS)
+        + f"; {args.batch_size * args.seq_len} tokens/step; AdamW {OPTIMIZER} on both"
+    )
+    ours = build_ours(args)
+    print(
+        f"params: {ours.num_params():,} (HF: same weights, tied head); "
+        f"ours attends with F.scaled_dot_product_attention in eager mode and with "
+        f"blocked_causal_attention under torch.compile on CPU"
+    )
+    del ours
+    for mode in modes:
+        print(f"[{mode}]", flush=True)
+        run_mode(mode, args)
+
+
+if __name__ == "__main__":
+    main()
