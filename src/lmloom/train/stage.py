@@ -1,0 +1,140 @@
+"""`train.pretrain`: token shards + tokenizer -> a checkpoint artifact (weights, config, tokenizer, metrics)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import torch
+from pydantic import Field, create_model
+
+from lmloom.artifacts.manifest import Manifest
+from lmloom.errors import ConfigError
+from lmloom.models.decoder import Decoder, DecoderConfig
+from lmloom.models.io import save_model_dir
+from lmloom.monitor.metrics import JsonlMetrics
+from lmloom.stages import Stage
+from lmloom.tokenizers.bpe import TOKENIZER_FILES
+from lmloom.tokenizers.loader import WindowLoader, validation_batches
+from lmloom.tokenizers.shards import TokenShards
+from lmloom.train.optim import build_optimizer
+from lmloom.train.trainer import LoopConfig, evaluate, train_loop
+
+# The model shape as a recipe gives it: like DecoderConfig, but the vocabulary defaults to the tokenizer's.
+ModelShape = create_model(
+    "ModelShape",
+    __base__=DecoderConfig,
+    vocab_size=(int | None, Field(None, description="None = the tokenizer's vocabulary size")),
+)
+
+
+class PretrainConfig(LoopConfig):
+    seed: int = Field(1337, description="seeds initialisation and the data order")
+    model: ModelShape = ModelShape()
+    final_eval_windows: int = Field(512, ge=1, description="validation windows in the final evaluation")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
+
+
+def run(config: PretrainConfig, inputs, ctx, out) -> None:
+    shards_art, tok_art = inputs["shards"], inputs["tokenizer"]
+    if shards_art.manifest.inputs.get("tokenizer") != tok_art.id:
+        raise ConfigError(
+            f"stages.{ctx.step}.inputs: shards {shards_art.short_id} were not encoded with tokenizer "
+            f"{tok_art.short_id}"
+        )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    vocab = int(tok_art.manifest.metadata["vocab_size"])
+    shape = config.model.model_dump()
+    shape["vocab_size"] = shape["vocab_size"] or vocab
+    if shape["vocab_size"] < vocab:
+        raise ConfigError(f"model.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab}")
+    model_cfg = DecoderConfig.model_validate(shape)
+
+    torch.manual_seed(config.seed)
+    model = Decoder(model_cfg)
+    optimizer = build_optimizer(model, config.optim)
+    seq_len = model_cfg.seq_len
+    train = TokenShards(shards_art.path, "train")
+    val = TokenShards(shards_art.path, "val")
+    data = WindowLoader(train, seq_len, seed=config.seed)
+    tokens_per_step = config.batch_size * config.grad_accum * seq_len
+    ctx.log(
+        f"{model.num_params():,} parameters; {tokens_per_step:,} tokens per step "
+        f"({config.batch_size} sequences x {config.grad_accum} accumulation x {seq_len} tokens); "
+        f"{config.max_steps} steps = {config.max_steps * tokens_per_step / max(train.n_tokens, 1):.2f} epochs "
+        f"of {train.n_tokens:,} tokens; precision {config.precision}, compile {config.compile}"
+    )
+
+    def val_batches(limit: int):
+        return validation_batches(val, seq_len, config.batch_size, max_windows=limit)
+
+    metrics = JsonlMetrics(ctx.work_dir / "metrics.jsonl")
+    quiet = ctx.console.is_terminal  # the bar shows progress; log lines are for logs and CI
+    with ctx.progress(config.max_steps, "pretraining") as bar:
+        result = train_loop(
+            model,
+            optimizer,
+            data,
+            val_batches,
+            config,
+            seq_len,
+            ctx.work_dir / "checkpoints",
+            metrics,
+            progress=bar,
+            log=(lambda _msg: None) if quiet else ctx.log,
+        )
+    final_val = evaluate(model, val_batches(config.final_eval_windows), config.precision)
+    unigram = shards_art.manifest.metadata.get("unigram_val_nats")
+
+    save_model_dir(model, out.path)
+    for name in TOKENIZER_FILES:
+        if name in tok_art.manifest.files:
+            shutil.copyfile(tok_art.file(name), out.path / name)
+    shutil.copyfile(metrics.path, out.path / "metrics.jsonl")
+    out.metadata.update(
+        parameters=model.num_params(),
+        model=model_cfg.model_dump(mode="json"),
+        steps=result.state.step,
+        tokens=result.state.tokens,
+        train_loss=result.train_loss,
+        val_loss=final_val,
+        val_ppl=math.exp(final_val),
+        unigram_val_ppl=math.exp(unigram) if unigram is not None else None,
+        tokens_per_s=round(result.tokens_per_s, 1),
+        seconds=round(result.seconds, 1),
+        resumed_from_step=result.resumed_from,
+        precision=config.precision,
+        compiled=config.compile,
+        tokenizer=tok_art.id,
+    )
+    ctx.log(
+        f"done: train loss {result.train_loss:.4f}, val loss {final_val:.4f} "
+        f"(ppl {math.exp(final_val):.1f}), {result.tokens_per_s:,.0f} tok/s"
+    )
+
+
+def summary(manifest: Manifest) -> list[tuple[str, str]]:
+    m = manifest.metadata
+    rows = [
+        ("parameters", f"{m['parameters']:,}"),
+        ("training steps", f"{m['steps']:,} ({m['tokens']:,} tokens)"),
+        ("train loss", f"{m['train_loss']:.4f}"),
+        ("validation loss", f"{m['val_loss']:.4f}"),
+        ("validation perplexity", f"{m['val_ppl']:.2f}"),
+    ]
+    if m.get("unigram_val_ppl"):
+        rows.append(("unigram baseline perplexity", f"{m['unigram_val_ppl']:.2f}"))
+    rows.append(("training throughput", f"{m['tokens_per_s']:,.0f} tokens/s ({m['precision']})"))
+    return rows
+
+
+PRETRAIN = Stage(
+    name="train.pretrain",
+    kind="checkpoint",
+    config=PretrainConfig,
+    run=run,
+    inputs={"shards": "shards", "tokenizer": "tokenizer"},
+    summary=summary,
+    description="pre-train a decoder-only transformer on token shards (resumable)",
+)

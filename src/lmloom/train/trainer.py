@@ -1,0 +1,161 @@
+"""The pre-training loop: accumulation, clipping, schedule, validation, checkpoints, exact resume.
+
+Exact resume rests on three facts: the data position is one integer (the next sample index of a
+seeded window loader), the learning rate is a pure function of the step, and the checkpoint holds the
+model, the optimizer and the RNG state. A resumed run therefore replays the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from pydantic import Field
+
+from lmloom.config import StrictConfig
+from lmloom.monitor.metrics import JsonlMetrics
+from lmloom.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmloom.train.optim import OptimConfig, lr_at
+
+
+class LoopConfig(StrictConfig):
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_steps: int = Field(300, ge=1, description="optimizer steps")
+    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 = autocast on fp32 master weights")
+    compile: bool = Field(True, description="torch.compile the model for training")
+    eval_every: int = Field(100, ge=1, description="steps between validation passes")
+    eval_windows: int = Field(64, ge=1, description="validation windows per periodic pass")
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    optim: OptimConfig = OptimConfig()
+
+
+class BatchSource(Protocol):
+    def batch(self, start_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    train_loss: float  # mean loss of the last optimizer step
+    val_loss: float | None
+    tokens_per_s: float  # steady state, compile warm-up excluded
+    seconds: float
+    resumed_from: int  # step the run resumed from (0 = fresh)
+
+
+def autocast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str
+) -> float:
+    """Token-weighted mean cross-entropy over the given validation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast(precision):
+            loss = model(x, y)
+        n = int((y != -100).sum())
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: BatchSource,
+    val_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    cfg: LoopConfig,
+    seq_len: int,
+    checkpoint_dir: Path,
+    metrics: JsonlMetrics,
+    progress=None,
+    log: Callable[[str], None] = print,  # progress lines every log_every steps
+) -> LoopResult:
+    state = TrainState()
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        state = load_checkpoint(latest, model, optimizer)
+        metrics.truncate_after(state.step)
+        log(f"resuming from {latest.name} (step {state.step}, sample {state.sample})")
+    resumed_from = state.step
+    last = state.extra or {}
+    train_loss, val_loss = last.get("train_loss", math.nan), last.get("val_loss")
+    step_model = torch.compile(model) if cfg.compile else model
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    started = time.perf_counter()
+    steady_start, steady_tokens = None, 0
+    if progress is not None:
+        progress.update(state.step)
+    while state.step < cfg.max_steps:
+        lr = lr_at(state.step, cfg.max_steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros(())
+        for _ in range(cfg.grad_accum):
+            x, y = data.batch(state.sample, cfg.batch_size)
+            state.sample += cfg.batch_size
+            with autocast(cfg.precision):
+                loss = step_model(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.tokens += tokens_per_step
+        train_loss = float(loss_sum) / cfg.grad_accum
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f"training loss became {train_loss} at step {state.step}; lower optim.lr"
+            )
+
+        # Throughput skips the first step of this process (compilation and warm-up).
+        now = time.perf_counter()
+        if steady_start is None:
+            steady_start = now
+        else:
+            steady_tokens += tokens_per_step
+        tok_s = steady_tokens / (now - steady_start) if steady_tokens else 0.0
+
+        record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
+        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+            val_loss = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
+            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+        if state.step % cfg.log_every == 0 or "val_loss" in record:
+            metrics.log(state.step, **record, tokens_per_s=tok_s, elapsed_s=now - started)
+        if progress is not None:
+            progress.update(state.step)
+            progress.note(f"loss {train_loss:.3f}  {tok_s / 1000:.1f}k tok/s")
+        if state.step % cfg.log_every == 0:
+            val = f"  val {val_loss:.3f}" if "val_loss" in record else ""
+            log(
+                f"step {state.step}/{cfg.max_steps}  loss {train_loss:.4f}{val}  lr {lr:.2e}  {tok_s:,.0f} tok/s"
+            )
+        if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
+            state.extra = {"train_loss": train_loss, "val_loss": val_loss}
+            save_checkpoint(checkpoint_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
+
+    seconds = time.perf_counter() - started
+    tok_s = steady_tokens / (time.perf_counter() - steady_start) if steady_tokens else 0.0
+    return LoopResult(state, train_loss, val_loss, tok_s, seconds, resumed_from)
