@@ -28,8 +28,8 @@ import torch
 from lmloom.models.decoder import Decoder, DecoderConfig
 from lmloom.models.hf_llama import to_hf_config, to_hf_state_dict
 
-# The benchmark shape, in one place.
-DEFAULTS = dict(vocab_size=8192, seq_len=256, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, batch_size=16)
+# The benchmark shape, in one place: the quickstart recipe's model and batch (src/lmloom/recipes/quickstart.yaml).
+DEFAULTS = dict(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, batch_size=16)
 MODES = ("eager-fp32", "compile-bf16")
 HF_ATTENTION = ("sdpa", "eager")
 OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)

@@ -477,7 +477,9 @@ def test_config_errors_name_the_key():
         plan(recipe({"sources": [{"type": "text-dir", "path": "x", "patern": ["*.txt"]}]}))
     with pytest.raises(ConfigError, match=r"sources\.0.*'csv'.*python-stdlib.*text-dir.*jsonl"):
         plan(recipe({"sources": [{"type": "csv"}]}))
-    with pytest.raises(ConfigError, match=r"sources\.0: needs a 'type' key, one of: python-stdlib, text-dir, jsonl"):
+    with pytest.raises(
+        ConfigError, match=r"sources\.0: needs a 'type' key, one of: python-stdlib, text-dir, jsonl"
+    ):
         plan(recipe({"sources": [{"path": "x"}]}))
     with pytest.raises(ConfigError, match=r"normalize = 'NFD'"):
         plan(recipe({"normalize": "NFD"}))

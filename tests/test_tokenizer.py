@@ -164,6 +164,7 @@ def test_saved_directory_holds_the_three_files_and_reloads(tokenizer, saved_dir)
 
 def test_transformers_loads_the_saved_tokenizer_and_encodes_identically(tokenizer, saved_dir):
     import transformers  # the dev extra installs it: an independent reference, never skipped
+
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(saved_dir))
     assert (hf.bos_token, hf.eos_token, hf.pad_token) == (BOS, EOS, PAD)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (0, 1, 2)

@@ -189,3 +189,85 @@ def test_kill_9_during_pretraining_then_rerun_matches_an_uninterrupted_run(tmp_p
 
     assert losses(killed_dir) == losses(clean_dir)
     assert len(losses(clean_dir)) == 300
+
+
+# -- a whole (tiny) run through the CLI: samples, generate, verification -------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_store(tmp_path_factory, resume_recipe):
+    from pathlib import Path
+
+    text = Path(resume_recipe).read_text()
+    text += "  samples:\n    stage: serve.samples\n    inputs: {checkpoint: pretrain}\n"
+    text += "    config: {prompts: ['def ', 'import '], max_new_tokens: 12, seed: 3}\n"
+    recipe = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    recipe.write_text(text)
+    store = tmp_path_factory.mktemp("store")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmloom", "run", str(recipe)],
+        env={**os.environ, "LMLOOM_HOME": str(store), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return store, proc.stdout
+
+
+def cli(store, *args):
+    env = {**os.environ, "LMLOOM_HOME": str(store), "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "lmloom", *args], env=env, capture_output=True, text=True)
+
+
+def test_run_prints_the_summary_the_samples_and_beats_the_unigram_baseline(trained_store):
+    store, stdout = trained_store
+    for label in (
+        "documents kept",
+        "vocabulary",
+        "train tokens",
+        "parameters",
+        "training steps",
+        "train loss",
+        "validation perplexity",
+        "unigram baseline perplexity",
+        "training throughput",
+    ):
+        assert label in stdout, label
+    assert stdout.count("sample (samples)") == 2
+    folder, manifest = checkpoint_artifact(store)
+    meta = manifest["metadata"]
+    assert meta["val_ppl"] < meta["unigram_val_ppl"]  # the quickstart itself lands ~20x below
+    assert {"model.safetensors", "model.json", "tokenizer.json", "metrics.jsonl"} <= manifest["files"].keys()
+
+
+def test_generate_continues_a_prompt_reproducibly(trained_store):
+    store, _ = trained_store
+    checkpoint = checkpoint_artifact(store)[0].name[:10]
+    args = ("generate", checkpoint, "--prompt", "def ", "--max-tokens", "16", "--seed", "7")
+    first, second = cli(store, *args), cli(store, *args)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("def ") and len(first.stdout) > 5
+    greedy = cli(
+        store, "generate", checkpoint, "--prompt", "import", "--temperature", "0", "--max-tokens", "8"
+    )
+    assert greedy.returncode == 0 and greedy.stdout.startswith("import")
+
+
+def test_everything_verifies_and_a_flipped_weight_byte_is_refused(trained_store, tmp_path):
+    import shutil
+
+    store, _ = trained_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    assert cli(copy, "artifacts", "verify").returncode == 0
+    assert cli(copy, "audit", "verify").returncode == 0
+    folder, _ = checkpoint_artifact(copy)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    verify = cli(copy, "artifacts", "verify")
+    assert verify.returncode == 3 and "model.safetensors does not match its sha256" in verify.stdout
+    refused = cli(copy, "generate", folder.name[:10], "--prompt", "x")
+    assert refused.returncode == 3 and "Traceback" not in refused.stderr
+    assert "model.safetensors does not match its sha256" in refused.stderr

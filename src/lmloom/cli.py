@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
@@ -169,7 +170,7 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
 ) -> None:
     """Continue a prompt with a trained checkpoint (KV-cached decoding), streaming the text."""
-    from lmloom.serve.generate import stream
+    from lmloom.serve.generate import generate_stream
     from lmloom.serve.loading import load_checkpoint_artifact
 
     artifact = _store().open(checkpoint)
@@ -177,7 +178,7 @@ def generate(
     out.print(prompt, style="bold", end="", highlight=False, markup=False)
     ids: list[int] = []
     shown = ""
-    for token in stream(
+    for token in generate_stream(
         model,
         tokenizer.encode(prompt),
         max_new_tokens=max_tokens,
@@ -309,34 +310,37 @@ def audit_verify() -> None:
 def audit_show(
     last: Annotated[int, typer.Option(help="Show only the last N entries (0 = all).")] = 50,
 ) -> None:
-    """Print the audit log as a table (newest last)."""
+    """Print the audit log as a table (newest last); `audit verify` checks it."""
     entries = list(_audit().entries())
     shown = entries[-last:] if last else entries
-    table = Table()
-    for column in ("seq", "time", "principal", "event", "step", "stage", "details"):
-        table.add_column(column)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("seq", "time (UTC)", "principal", "event", "step", "details"):
+        table.add_column(column, no_wrap=column != "details", overflow="fold")
     for e in shown:
-        details = []
-        if "outcome" in e:
-            details.append(e["outcome"] + (f" ({e['error']})" if e.get("error") else ""))
-        if e.get("outputs"):
-            details.append("-> " + ", ".join(i[:12] for i in e["outputs"]))
-        if e.get("inputs"):
-            details.append("<- " + ", ".join(i[:12] for i in e["inputs"]))
-        if "seconds" in e:
-            details.append(f"{e['seconds']:.1f}s")
         table.add_row(
             str(e.get("seq")),
-            str(e.get("time", ""))[:23],
+            str(e.get("time", ""))[:19].replace("T", " "),
             str(e.get("principal", "")),
             str(e.get("event", "")),
             str(e.get("step", "")),
-            str(e.get("stage", "")),
-            "  ".join(details),
+            _audit_details(e),
         )
     out.print(table)
     if len(shown) < len(entries):
         out.print(f"[dim]{len(entries) - len(shown)} earlier entries not shown (--last 0 shows all)[/dim]")
+
+
+def _audit_details(e: dict) -> str:
+    details = []
+    if "outcome" in e:
+        details.append(e["outcome"] + (f" ({e['error']})" if e.get("error") else ""))
+    if e.get("inputs"):
+        details.append("in " + ",".join(i[:8] for i in e["inputs"]))
+    if e.get("outputs"):
+        details.append("out " + ",".join(i[:8] for i in e["outputs"]))
+    if "seconds" in e:
+        details.append(f"{e['seconds']:.1f}s")
+    return " ".join(details)
 
 
 def main() -> None:

@@ -18,20 +18,24 @@ from lmloom.tokenizers.bpe import TOKENIZER_FILES
 from lmloom.tokenizers.loader import WindowLoader, validation_batches
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.optim import build_optimizer
-from lmloom.train.trainer import LoopConfig, evaluate, train_loop
+from lmloom.train.trainer import LoopConfig, train_loop
 
-# The model shape as a recipe gives it: like DecoderConfig, but the vocabulary defaults to the tokenizer's.
+# The model shape as a recipe gives it: DecoderConfig with the vocabulary taken from the tokenizer and
+# defaults small enough to train on a laptop CPU (the quickstart's model); any key can be overridden.
 ModelShape = create_model(
     "ModelShape",
     __base__=DecoderConfig,
-    vocab_size=(int | None, Field(None, description="None = the tokenizer's vocabulary size")),
+    vocab_size=(int | None, Field(None, ge=1, description="None = the tokenizer's vocabulary size")),
+    seq_len=(int, Field(256, ge=1, description="context length of training windows and of the model")),
+    d_model=(int, Field(256, ge=1)),
+    n_layers=(int, Field(4, ge=1)),
+    n_heads=(int, Field(4, ge=1)),
 )
 
 
 class PretrainConfig(LoopConfig):
     seed: int = Field(1337, description="seeds initialisation and the data order")
     model: ModelShape = ModelShape()
-    final_eval_windows: int = Field(512, ge=1, description="validation windows in the final evaluation")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
 
 
@@ -84,7 +88,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             progress=bar,
             log=(lambda _msg: None) if quiet else ctx.log,
         )
-    final_val = evaluate(model, val_batches(config.final_eval_windows), config.precision)
+    final_val = result.val_loss
     unigram = shards_art.manifest.metadata.get("unigram_val_nats")
 
     save_model_dir(model, out.path)

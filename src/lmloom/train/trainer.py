@@ -32,6 +32,7 @@ class LoopConfig(StrictConfig):
     compile: bool = Field(True, description="torch.compile the model for training")
     eval_every: int = Field(100, ge=1, description="steps between validation passes")
     eval_windows: int = Field(64, ge=1, description="validation windows per periodic pass")
+    final_eval_windows: int = Field(512, ge=1, description="validation windows in the final pass")
     checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -46,7 +47,7 @@ class BatchSource(Protocol):
 class LoopResult:
     state: TrainState
     train_loss: float  # mean loss of the last optimizer step
-    val_loss: float | None
+    val_loss: float | None  # over final_eval_windows, after the last step
     tokens_per_s: float  # steady state, compile warm-up excluded
     seconds: float
     resumed_from: int  # step the run resumed from (0 = fresh)
@@ -139,7 +140,10 @@ def train_loop(
         tok_s = steady_tokens / (now - steady_start) if steady_tokens else 0.0
 
         record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
-        if state.step % cfg.eval_every == 0 or state.step == cfg.max_steps:
+        if state.step == cfg.max_steps:
+            val_loss = evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
+            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+        elif state.step % cfg.eval_every == 0:
             val_loss = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
         if state.step % cfg.log_every == 0 or "val_loss" in record:
