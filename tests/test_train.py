@@ -271,3 +271,25 @@ def test_everything_verifies_and_a_flipped_weight_byte_is_refused(trained_store,
     refused = cli(copy, "generate", folder.name[:10], "--prompt", "x")
     assert refused.returncode == 3 and "Traceback" not in refused.stderr
     assert "model.safetensors does not match its sha256" in refused.stderr
+
+
+def test_ctrl_c_during_pretraining_is_audited_and_a_rerun_resumes(tmp_path, resume_recipe):
+    store = tmp_path / "store"
+    proc = launch(store, resume_recipe)
+    deadline = time.time() + 300
+    while (
+        time.time() < deadline and proc.poll() is None and not list(store.glob("work/*/checkpoints/step-*"))
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert "interrupted" in err and "run the same command again" in err
+    entries = [json.loads(line) for line in (store / "audit.jsonl").read_text().splitlines()]
+    assert entries[-1]["event"] == "stage.end" and entries[-1]["outcome"] == "interrupted"
+    assert entries[-1]["step"] == "pretrain"
+
+    again = launch(store, resume_recipe)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0 and "resuming from step-" in err
+    assert cli(store, "audit", "verify").returncode == 0
