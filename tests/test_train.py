@@ -293,3 +293,27 @@ def test_ctrl_c_during_pretraining_is_audited_and_a_rerun_resumes(tmp_path, resu
     _, err = again.communicate(timeout=600)
     assert again.returncode == 0 and "resuming from step-" in err
     assert cli(store, "audit", "verify").returncode == 0
+
+
+def test_flipping_one_byte_of_any_file_of_any_artifact_is_named(trained_store):
+    from lmloom.artifacts.store import ArtifactStore
+
+    store = ArtifactStore(trained_store[0])
+    checked = 0
+    for artifact_id in store.ids():
+        artifact = store.open(artifact_id)
+        for name, entry in artifact.manifest.files.items():
+            if entry.size == 0:
+                continue
+            path = artifact.path / name
+            original = path.read_bytes()
+            flipped = bytearray(original)
+            flipped[len(flipped) // 2] ^= 0x01
+            path.write_bytes(bytes(flipped))
+            try:
+                with pytest.raises(IntegrityError, match=f"file {name} does not match its sha256"):
+                    store.open(artifact_id)
+            finally:
+                path.write_bytes(original)
+            checked += 1
+    assert len(store.ids()) == 5 and checked >= 15

@@ -129,29 +129,20 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
     key = stage_key(stage, step.config, input_ids)
     started = time.perf_counter()
 
+    def audit(event: str, **fields) -> None:
+        ctx.audit.append(event, ctx.principal, step=step.name, stage=stage.name, stage_key=key, **fields)
+
+    def elapsed() -> float:
+        return round(time.perf_counter() - started, 3)
+
     cached = ctx.store.find_by_stage_key(key)
     if cached:
         artifact = ctx.store.open(cached)  # a tampered cached artifact is refused, never reused
-        ctx.audit.append(
-            "stage.reuse",
-            ctx.principal,
-            step=step.name,
-            stage=stage.name,
-            stage_key=key,
-            outputs=[artifact.id],
-        )
-        return StepResult(step.name, stage, artifact, True, time.perf_counter() - started)
+        audit("stage.reuse", outputs=[artifact.id])
+        return StepResult(step.name, stage, artifact, True, elapsed())
 
     config_json = config_dict(step.config)
-    ctx.audit.append(
-        "stage.start",
-        ctx.principal,
-        step=step.name,
-        stage=stage.name,
-        stage_key=key,
-        inputs=sorted(input_ids.values()),
-        config_hash=sha256_json(config_json),
-    )
+    audit("stage.start", inputs=sorted(input_ids.values()), config_hash=sha256_json(config_json))
     stage_ctx = ctx.for_stage(step.name, key)
     out = ctx.store.create(
         kind=stage.kind,
@@ -167,27 +158,9 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
     except BaseException as exc:
         out.abort()
         outcome = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
-        ctx.audit.append(
-            "stage.end",
-            ctx.principal,
-            step=step.name,
-            stage=stage.name,
-            stage_key=key,
-            outcome=outcome,
-            error=f"{type(exc).__name__}: {exc}"[:500],
-            seconds=round(time.perf_counter() - started, 3),
-        )
+        audit("stage.end", outcome=outcome, error=f"{type(exc).__name__}: {exc}"[:500], seconds=elapsed())
         raise
-    shutil.rmtree(stage_ctx.work_dir, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    ctx.audit.append(
-        "stage.end",
-        ctx.principal,
-        step=step.name,
-        stage=stage.name,
-        stage_key=key,
-        outcome="ok",
-        outputs=[artifact.id],
-        seconds=round(seconds, 3),
-    )
+    shutil.rmtree(stage_ctx.work_dir, ignore_errors=True)  # the scratch state is only for resuming
+    seconds = elapsed()
+    audit("stage.end", outcome="ok", outputs=[artifact.id], seconds=seconds)
     return StepResult(step.name, stage, artifact, False, seconds)
