@@ -251,6 +251,11 @@ def test_generate_continues_a_prompt_reproducibly(trained_store):
         store, "generate", checkpoint, "--prompt", "import", "--temperature", "0", "--max-tokens", "8"
     )
     assert greedy.returncode == 0 and greedy.stdout.startswith("import")
+    empty = cli(store, "generate", checkpoint, "--max-tokens", "8", "--seed", "1")
+    assert empty.returncode == 0 and empty.stdout.strip()  # starts a new document
+    too_long = cli(store, "generate", checkpoint, "--prompt", "x", "--max-tokens", "5000")
+    assert too_long.returncode == 1 and "Traceback" not in too_long.stderr
+    assert "exceeds the model's seq_len (32)" in too_long.stderr
 
 
 def test_everything_verifies_and_a_flipped_weight_byte_is_refused(trained_store, tmp_path):

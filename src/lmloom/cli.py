@@ -175,19 +175,27 @@ def generate(
 
     artifact = _store().open(checkpoint)
     model, tokenizer = load_checkpoint_artifact(artifact)
+    # Training joins documents with <|eos|>, so an empty prompt starts from it: "a new document".
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    try:
+        tokens = generate_stream(
+            model,
+            prompt_ids,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_id=tokenizer.eos_id,
+        )
+    except ValueError as exc:  # e.g. prompt + max tokens longer than the model's context
+        raise LmloomError(str(exc)) from None
     out.print(prompt, style="bold", end="", highlight=False, markup=False)
     ids: list[int] = []
     shown = ""
-    for token in generate_stream(
-        model,
-        tokenizer.encode(prompt),
-        max_new_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        eos_id=tokenizer.eos_id,
-    ):
+    for token in tokens:
+        if token == tokenizer.eos_id:
+            break
         ids.append(token)
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -215,7 +223,7 @@ def artifacts_ls(kind: Annotated[str | None, typer.Option(help="Only this kind."
         size = sum(f.size for f in manifest.files.values())
         rows.append(
             (
-                manifest.created,
+                manifest.created[:16].replace("T", " "),
                 artifact_id[:12],
                 manifest.kind,
                 manifest.stage,
@@ -223,9 +231,9 @@ def artifacts_ls(kind: Annotated[str | None, typer.Option(help="Only this kind."
                 manifest.principal,
             )
         )
-    table = Table()
-    for column in ("created", "id", "kind", "stage", "size", "principal"):
-        table.add_column(column)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("created (UTC)", "id", "kind", "stage", "size", "principal"):
+        table.add_column(column, no_wrap=column != "principal")
     for row in sorted(rows, reverse=True):
         table.add_row(*row)
     out.print(table)
@@ -268,7 +276,11 @@ def artifacts_lineage(artifact: Annotated[str, typer.Argument(help="Artifact id 
     nodes: list[Tree] = []
     root: Tree | None = None
     for depth, role, artifact_id, manifest in store.lineage(artifact):
-        label = f"{'[cyan]' + role + '[/cyan] ' if role else ''}[bold]{manifest.kind}[/bold] {artifact_id[:12]}  {manifest.stage}  {manifest.created}"
+        named = f"[cyan]{role}:[/cyan] " if role and role != manifest.kind else ""
+        created = manifest.created[:16].replace("T", " ")
+        label = (
+            f"{named}[bold]{manifest.kind}[/bold] {artifact_id[:12]}  [dim]{manifest.stage}  {created}[/dim]"
+        )
         if depth == 0:
             root = Tree(label)
             nodes = [root]

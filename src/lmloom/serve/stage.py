@@ -8,6 +8,7 @@ from pydantic import Field
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.config import StrictConfig
+from lmloom.errors import ConfigError
 from lmloom.serve.generate import generate
 from lmloom.serve.loading import load_checkpoint_artifact
 from lmloom.stages import Stage
@@ -30,16 +31,21 @@ def run(config: SamplesConfig, inputs, ctx, out) -> None:
     samples = []
     with ctx.progress(len(config.prompts), "sampling") as bar:
         for i, prompt in enumerate(config.prompts):
-            ids = generate(
-                model,
-                tokenizer.encode(prompt),
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-                top_k=config.top_k,
-                top_p=config.top_p,
-                seed=config.seed + i,
-                eos_id=tokenizer.eos_id,
-            )
+            try:
+                ids = generate(
+                    model,
+                    tokenizer.encode(prompt) or [tokenizer.eos_id],
+                    max_new_tokens=config.max_new_tokens,
+                    temperature=config.temperature,
+                    top_k=config.top_k,
+                    top_p=config.top_p,
+                    seed=config.seed + i,
+                    eos_id=tokenizer.eos_id,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"stages.{ctx.step}.config.prompts[{i}]: {exc}") from None
+            if ids and ids[-1] == tokenizer.eos_id:
+                ids = ids[:-1]  # the end-of-document marker is not text
             samples.append({"prompt": prompt, "completion": tokenizer.decode(ids), "tokens": len(ids)})
             bar.advance()
     (out.path / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
