@@ -372,3 +372,30 @@ def test_unigram_baseline_is_none_without_val_tokens():
     train = np.array([3, 1, 0, 0])
     assert unigram_val_nats(train, np.zeros(4, dtype=np.int64)) is None
     assert unigram_val_nats(train, np.array([1, 0, 0, 0])) == pytest.approx(-math.log(4 / 8), abs=1e-6)
+
+
+def test_shards_read_through_a_codec_without_memory_map_give_the_same_tokens(tmp_path):
+    """Encrypted artifacts cannot be memory-mapped; their shards are read range by range instead."""
+    from lmloom.artifacts.files import PlainCodec
+    from lmloom.artifacts.store import ArtifactStore, StoreSecurity
+
+    class NoMapCodec(PlainCodec):
+        def plain_path(self, path):
+            return None
+
+    class NoMapSecurity(StoreSecurity):
+        def read_codec(self, manifest, where):
+            return NoMapCodec()
+
+    store = ArtifactStore(tmp_path, security=NoMapSecurity())
+    out = store.create(kind="shards", stage="tokenizer.encode", config={})
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 300, size=int(n)).tolist() for n in rng.integers(1, 40, size=50)]
+    with ShardWriter(out, vocab_size=300, eos_id=1, max_tokens_per_shard=97) as writer:
+        writer.add_batch("train", docs)
+    artifact = store.open(out.commit().id)
+    mapped, ranged = TokenShards(artifact.path, "train"), TokenShards(artifact, "train")
+    assert ranged.n_shards == mapped.n_shards > 1
+    for start, stop in [(0, 5), (90, 110), (0, mapped.n_tokens), (mapped.n_tokens - 3, mapped.n_tokens)]:
+        np.testing.assert_array_equal(ranged.tokens(start, stop), mapped.tokens(start, stop))
+    assert [d.tolist() for d in ranged.documents()] == docs

@@ -1,7 +1,8 @@
 """The stage contract and the registry of every stage lmloom ships.
 
-A stage is a plain function `run(config, inputs, ctx, out)`: it reads verified input artifacts,
-writes files into `out.path` and facts into `out.metadata`. The pipeline owns everything around it:
+A stage is a plain function `run(config, inputs, ctx, out)`: it reads verified input artifacts
+(`artifact.open(name)`, `read_bytes`, ...), writes files through `out.open(name)` / `out.write_bytes`
+(never by path: the store's codec may encrypt them) and facts into `out.metadata`. The pipeline owns everything around it:
 caching by stage key, the staging directory and atomic publish, and the audit entries.
 """
 

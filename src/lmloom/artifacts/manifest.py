@@ -35,6 +35,8 @@ class Manifest(BaseModel):
     inputs: dict[str, str] = {}
     files: dict[str, FileEntry]
     metadata: dict[str, Any] = {}
+    # None for plaintext; else what a reader needs besides the key (scheme, key id, chunking, binding).
+    encryption: dict[str, Any] | None = None
     tool: dict[str, str]
     principal: str
     created: str

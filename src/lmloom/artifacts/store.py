@@ -11,6 +11,7 @@ Layout under the store root:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -18,10 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from lmloom import __version__
 from lmloom.artifacts.atomic import fsync_dir, fsync_tree, write_text_atomic
+from lmloom.artifacts.files import PLAIN, Codec, check_name, read_all, text_reader
 from lmloom.artifacts.hashing import sha256_file
 from lmloom.artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest
 from lmloom.errors import IntegrityError, LmloomError
@@ -34,13 +36,45 @@ def default_store_root() -> Path:
     return Path(os.environ.get(ENV_HOME) or Path.home() / ".lmloom").expanduser()
 
 
+class StoreSecurity:
+    """The store's security hooks. This base is the plain store: no encryption, no signatures.
+
+    `lmloom.security` supplies the real one (keyring, signer, trust store); the store calls these at
+    the points where every artifact write and read passes, so no stage can bypass them.
+    """
+
+    def write_codec(self, encrypt: bool) -> Codec:
+        if encrypt:
+            raise LmloomError(
+                "this recipe asks for encryption (security.encrypt: true) but no key is configured; "
+                "run `lmloom keys init` and set LMLOOM_KEK or LMLOOM_KEK_FILE"
+            )
+        return PLAIN
+
+    def read_codec(self, manifest: Manifest, where: str) -> Codec:
+        if manifest.encryption is not None:
+            raise LmloomError(f"{where} is encrypted; set LMLOOM_KEK or LMLOOM_KEK_FILE to read it")
+        return PLAIN
+
+    def on_commit(self, artifact: Artifact) -> None:
+        """Called once a new artifact is published (e.g. to sign it)."""
+
+    def on_open(self, artifact: Artifact) -> None:
+        """Called after an artifact's files verified, before anyone reads it (e.g. signature policy)."""
+
+
 @dataclass(frozen=True)
 class Artifact:
-    """A verified artifact: every file matched its recorded hash when this object was made."""
+    """A verified artifact: every file matched its recorded hash when this object was made.
+
+    Read its files with `open` / `read_bytes` / `read_text` / `read_json`: they return plaintext
+    whatever the artifact's codec stores on disk.
+    """
 
     id: str
     path: Path
     manifest: Manifest
+    codec: Codec = PLAIN
 
     @property
     def kind(self) -> str:
@@ -50,10 +84,44 @@ class Artifact:
     def short_id(self) -> str:
         return self.id[:SHORT_ID]
 
+    @property
+    def encrypted(self) -> bool:
+        return self.manifest.encryption is not None
+
     def file(self, name: str) -> Path:
+        """Where a file's stored bytes lie (ciphertext for an encrypted artifact)."""
         if name not in self.manifest.files:
             raise LmloomError(f"artifact {self.short_id} ({self.kind}) has no file {name!r}")
         return self.path / name
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.files
+
+    def open(self, name: str) -> BinaryIO:
+        """A seekable binary reader of the file's plaintext."""
+        return self.codec.open_read(self.file(name), name)
+
+    def read_bytes(self, name: str) -> bytes:
+        return read_all(self.open(name))
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def lines(self, name: str) -> Iterator[str]:
+        """The file's text, line by line (newlines kept), streamed."""
+        with text_reader(self.open(name)) as handle:
+            yield from handle
+
+    def size(self, name: str) -> int:
+        """Plaintext size in bytes."""
+        return self.codec.plaintext_size(self.file(name), name)
+
+    def plain_path(self, name: str) -> Path | None:
+        """The path when the file is stored as plaintext (so it may be memory-mapped), else None."""
+        return self.codec.plain_path(self.file(name))
 
 
 @dataclass
@@ -69,6 +137,27 @@ class ArtifactWriter:
     stage_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     principal: str = "unknown"
+    codec: Codec = PLAIN
+
+    # -- writing files (through the codec: stages never write plaintext into the store directly) --
+    def open(self, name: str) -> BinaryIO:
+        """A binary writer for a new file of this artifact; closing it finishes the file."""
+        return self.codec.open_write(self.path / check_name(name), name)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with self.open(name) as handle:
+            handle.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, value: Any, indent: int | None = 2) -> None:
+        self.write_text(name, json.dumps(value, indent=indent, ensure_ascii=False))
+
+    def copy_from(self, source: Artifact, name: str, as_name: str | None = None) -> None:
+        """Copy a file's plaintext from another artifact (re-encoded with this artifact's codec)."""
+        with source.open(name) as reader, self.open(as_name or name) as writer:
+            shutil.copyfileobj(reader, writer, 1 << 20)
 
     def commit(self) -> Artifact:
         files = _hash_tree(self.path)
@@ -80,6 +169,7 @@ class ArtifactWriter:
             inputs=self.inputs,
             files=files,
             metadata=self.metadata,
+            encryption=self.codec.header(),
             tool={"name": "lmloom", "version": __version__},
             principal=self.principal,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -89,9 +179,11 @@ class ArtifactWriter:
         final = self.store.artifact_dir(manifest.id)
         os.rename(self.path, final)  # atomic publish: readers see all of it or nothing
         fsync_dir(final.parent)
+        artifact = Artifact(manifest.id, final, manifest, self.codec)
+        self.store.security.on_commit(artifact)
         if self.stage_key:
             write_text_atomic(self.store.root / "index" / "stage-keys" / self.stage_key, manifest.id)
-        return Artifact(manifest.id, final, manifest)
+        return artifact
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -110,8 +202,9 @@ def _hash_tree(root: Path) -> dict[str, FileEntry]:
 
 
 class ArtifactStore:
-    def __init__(self, root: Path | str | None = None):
+    def __init__(self, root: Path | str | None = None, security: StoreSecurity | None = None):
         self.root = Path(root).expanduser() if root else default_store_root()
+        self.security = security or StoreSecurity()
         for sub in ("artifacts", "staging", "index/stage-keys", "work"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -125,10 +218,20 @@ class ArtifactStore:
         inputs: dict[str, str] | None = None,
         stage_key: str | None = None,
         principal: str = "unknown",
+        encrypt: bool = False,
     ) -> ArtifactWriter:
+        codec = self.security.write_codec(encrypt)
         staging = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root / "staging"))
         return ArtifactWriter(
-            self, staging, kind, stage, config, dict(inputs or {}), stage_key, principal=principal
+            self,
+            staging,
+            kind,
+            stage,
+            config,
+            dict(inputs or {}),
+            stage_key,
+            principal=principal,
+            codec=codec,
         )
 
     # -- lookup ------------------------------------------------------------------------------
@@ -183,6 +286,9 @@ class ArtifactStore:
         manifest = self.read_manifest(ref)
         artifact = Artifact(manifest.id, self.artifact_dir(manifest.id), manifest)
         self._verify_files(artifact)
+        where = f"artifact {artifact.short_id} ({artifact.kind})"
+        artifact = Artifact(artifact.id, artifact.path, manifest, self.security.read_codec(manifest, where))
+        self.security.on_open(artifact)
         return artifact
 
     def verify(self, ref: str) -> Artifact:

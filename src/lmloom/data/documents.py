@@ -7,10 +7,10 @@ reason and location, and reading goes on.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 Kind = Literal["code", "prose"]
 
@@ -79,10 +79,10 @@ def decode_error_line(data: bytes, exc: UnicodeDecodeError) -> int:
 class JsonlWriter:
     """Writes one JSON object per line (UTF-8, no ASCII escaping) and counts the records."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, handle: BinaryIO):
+        """`handle`: a binary writer such as `ArtifactWriter.open(name)`; closed by `close()`."""
         self.records = 0
-        self._handle = open(path, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
+        self._handle = io.TextIOWrapper(handle, encoding="utf-8", newline="\n")
 
     def write(self, record: dict[str, Any]) -> None:
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")

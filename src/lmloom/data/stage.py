@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -46,16 +45,15 @@ class PrepareConfig(StrictConfig):
 
 
 def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, out: ArtifactWriter) -> None:
-    root = Path(out.path)
     steps = build_steps(config.normalize, config.min_chars, config.dedup)
     sources: list[dict[str, Any]] = []
     rejected: Counter[str] = Counter()
 
     with (
-        JsonlWriter(root / "train.jsonl") as train,
-        JsonlWriter(root / "val.jsonl") as val,
-        JsonlWriter(root / "rejects.jsonl") as rejects,
-        JsonlWriter(root / "removed.jsonl") as removed,
+        JsonlWriter(out.open("train.jsonl")) as train,
+        JsonlWriter(out.open("val.jsonl")) as val,
+        JsonlWriter(out.open("rejects.jsonl")) as rejects,
+        JsonlWriter(out.open("removed.jsonl")) as removed,
         ctx.progress(None, "reading and cleaning documents") as bar,
     ):
         splitter = SplitWriter(

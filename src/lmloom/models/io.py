@@ -1,12 +1,18 @@
-"""Model directories: `model.safetensors` + `model.json` (the config), loadable without pickle."""
+"""Model files: `model.safetensors` + `model.json` (the config), loadable without pickle.
+
+`model_files` / `model_from_files` work on bytes so the same code writes a plain directory or an
+(encrypted) artifact; `save_model_dir` / `load_model_dir` are the directory shorthands.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from lmloom.models.decoder import Decoder, DecoderConfig
 
@@ -14,16 +20,25 @@ WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
 
 
+def model_files(model: Decoder) -> dict[str, bytes]:
+    # The tied LM head is the embedding (no separate parameter), so the state dict has no aliases.
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    payload = {"architecture": "decoder", "config": model.config.model_dump(mode="json")}
+    return {WEIGHTS: save_safetensors(state), CONFIG: json.dumps(payload, indent=2).encode("utf-8")}
+
+
+def model_from_files(read_bytes: Callable[[str], bytes], device: str | torch.device = "cpu") -> Decoder:
+    payload = json.loads(read_bytes(CONFIG))
+    model = Decoder(DecoderConfig.model_validate(payload["config"]))
+    model.load_state_dict(load_safetensors(read_bytes(WEIGHTS)))
+    return model.to(device).eval()
+
+
 def save_model_dir(model: Decoder, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / WEIGHTS))  # tied embedding stored once
-    payload = {"architecture": "decoder", "config": model.config.model_dump(mode="json")}
-    (directory / CONFIG).write_text(json.dumps(payload, indent=2))
+    for name, data in model_files(model).items():
+        (directory / name).write_bytes(data)
 
 
 def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Decoder:
-    payload = json.loads((Path(directory) / CONFIG).read_text())
-    config = DecoderConfig.model_validate(payload["config"])
-    model = Decoder(config).to(device)
-    load_model(model, str(Path(directory) / WEIGHTS), device=str(device))
-    return model.eval()
+    return model_from_files(lambda name: (Path(directory) / name).read_bytes(), device)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from lmloom.artifacts.store import Artifact
 from lmloom.errors import LmloomError
 from lmloom.models.decoder import Decoder
-from lmloom.models.io import load_model_dir
-from lmloom.tokenizers.bpe import load_tokenizer
+from lmloom.models.io import model_from_files
+from lmloom.tokenizers.bpe import BPETokenizer, load_tokenizer_artifact
 
 
-def load_checkpoint_artifact(artifact: Artifact) -> tuple[Decoder, object]:
+def load_checkpoint_artifact(artifact: Artifact) -> tuple[Decoder, BPETokenizer]:
     if artifact.kind != "checkpoint":
         raise LmloomError(f"artifact {artifact.short_id} is a {artifact.kind}, not a checkpoint")
-    return load_model_dir(artifact.path), load_tokenizer(artifact.path)
+    return model_from_files(artifact.read_bytes), load_tokenizer_artifact(artifact)

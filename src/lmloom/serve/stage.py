@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from pydantic import Field
 
 from lmloom.artifacts.manifest import Manifest
@@ -48,12 +46,14 @@ def run(config: SamplesConfig, inputs, ctx, out) -> None:
                 ids = ids[:-1]  # the end-of-document marker is not text
             samples.append({"prompt": prompt, "completion": tokenizer.decode(ids), "tokens": len(ids)})
             bar.advance()
-    (out.path / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    out.metadata["samples"] = samples
+    out.write_json("samples.json", samples)
+    # Counts only: the text stays in samples.json, which is encrypted when the run is.
+    out.metadata.update(samples=len(samples), tokens=sum(s["tokens"] for s in samples))
 
 
 def summary(manifest: Manifest) -> list[tuple[str, str]]:
-    return [("samples", f"{len(manifest.metadata['samples'])} generated")]
+    m = manifest.metadata
+    return [("samples", f"{m['samples']} generated ({m['tokens']} tokens), printed below")]
 
 
 SAMPLES = Stage(

@@ -164,14 +164,32 @@ def hf_tokenizer_config() -> dict:
     }
 
 
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    """The texts of `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`."""
+    special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    return {
+        TOKENIZER_FILE: tokenizer.to_str(pretty=False),
+        TOKENIZER_CONFIG_FILE: json.dumps(hf_tokenizer_config(), indent=2) + "\n",
+        SPECIAL_TOKENS_MAP_FILE: json.dumps(special_map, indent=2) + "\n",
+    }
+
+
 def save_tokenizer(tokenizer: Tokenizer, directory: Path | str) -> None:
-    """Write `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` into `directory`."""
+    """Write the three tokenizer files into `directory` (a layout transformers loads directly)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(directory / TOKENIZER_FILE, tokenizer.to_str(pretty=False))
-    write_text_atomic(directory / TOKENIZER_CONFIG_FILE, json.dumps(hf_tokenizer_config(), indent=2) + "\n")
-    special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    write_text_atomic(directory / SPECIAL_TOKENS_MAP_FILE, json.dumps(special_map, indent=2) + "\n")
+    for name, text in tokenizer_files(tokenizer).items():
+        write_text_atomic(directory / name, text)
+
+
+def tokenizer_from_json(text: str, where: str) -> BPETokenizer:
+    """A tokenizer from the text of a `tokenizer.json` with our special ids; `where` names it in errors."""
+    try:
+        tokenizer = Tokenizer.from_str(text)
+    except Exception as exc:  # the Rust side raises a bare Exception for malformed files
+        raise LmloomError(f"{where}: not a valid tokenizer file ({exc})") from None
+    _check_special_ids(tokenizer, where)
+    return BPETokenizer(tokenizer)
 
 
 def load_tokenizer(directory: Path | str) -> BPETokenizer:
@@ -179,9 +197,13 @@ def load_tokenizer(directory: Path | str) -> BPETokenizer:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise LmloomError(f"no {TOKENIZER_FILE} in {directory}")
-    try:
-        tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the Rust side raises a bare Exception for malformed files
-        raise LmloomError(f"{path}: not a valid tokenizer file ({exc})") from None
-    _check_special_ids(tokenizer, str(path))
-    return BPETokenizer(tokenizer)
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_tokenizer_artifact(artifact) -> BPETokenizer:
+    """The tokenizer stored in an artifact (a tokenizer or a checkpoint), read through its codec."""
+    if not artifact.has(TOKENIZER_FILE):
+        raise LmloomError(f"artifact {artifact.short_id} ({artifact.kind}) holds no {TOKENIZER_FILE}")
+    return tokenizer_from_json(
+        artifact.read_text(TOKENIZER_FILE), f"artifact {artifact.short_id}: {TOKENIZER_FILE}"
+    )

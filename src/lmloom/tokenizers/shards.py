@@ -25,6 +25,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from lmloom.artifacts.atomic import write_text_atomic
+from lmloom.artifacts.files import LocalDir
+from lmloom.artifacts.store import Artifact, ArtifactWriter
 from lmloom.errors import IntegrityError, LmloomError
 
 HEADER_FILE = "shards.json"
@@ -60,7 +62,7 @@ class _SplitWriter:
         self.n_docs = 0
         self.shards: list[dict[str, Any]] = []  # {"file": name, "tokens": count}
         self._shard: BinaryIO | None = None
-        self._index = open(owner.directory / index_name(name), "wb")  # closed in close()
+        self._index = owner.open_file(index_name(name))  # closed in close()
         self._index.write(np.zeros(1, _INDEX_DTYPE).tobytes())  # offset of document 0
 
     def add(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -110,7 +112,7 @@ class _SplitWriter:
         if self._shard is not None:
             self._shard.close()
         name = shard_name(self.name, len(self.shards))
-        self._shard = open(self._owner.directory / name, "wb")  # closed in close()
+        self._shard = self._owner.open_file(name)  # closed in close()
         self.shards.append({"file": name, "tokens": 0})
 
     def close(self) -> None:
@@ -140,7 +142,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        directory: Path | str,
+        target: Path | str | ArtifactWriter,
         *,
         vocab_size: int,
         eos_id: int,
@@ -150,8 +152,9 @@ class ShardWriter:
             raise LmloomError(f"max_tokens_per_shard = {max_tokens_per_shard}: must be at least 1")
         if not 0 <= eos_id < vocab_size:
             raise LmloomError(f"eos_id = {eos_id} is outside the vocabulary [0, {vocab_size})")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self._target = target if isinstance(target, ArtifactWriter) else Path(target)
+        if isinstance(self._target, Path):
+            self._target.mkdir(parents=True, exist_ok=True)
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self.dtype_name = token_dtype(vocab_size)
@@ -159,6 +162,12 @@ class ShardWriter:
         self.max_tokens_per_shard = max_tokens_per_shard
         self._splits: dict[str, _SplitWriter] = {}
         self._closed = False
+
+    def open_file(self, name: str) -> BinaryIO:
+        """A new binary file in the target (through the artifact's codec when it is an artifact)."""
+        if isinstance(self._target, ArtifactWriter):
+            return self._target.open(name)
+        return open(self._target / name, "wb")  # noqa: SIM115 - closed by the split writer
 
     def split(self, name: str) -> _SplitWriter:
         if self._closed:
@@ -191,7 +200,11 @@ class ShardWriter:
         """Close every file and write `shards.json`; returns the header."""
         self._close_files()
         header = self.header()
-        write_text_atomic(self.directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+        text = json.dumps(header, indent=2) + "\n"
+        if isinstance(self._target, ArtifactWriter):
+            self._target.write_text(HEADER_FILE, text)
+        else:
+            write_text_atomic(self._target / HEADER_FILE, text)
         return header
 
     def _close_files(self) -> None:
@@ -209,13 +222,18 @@ class ShardWriter:
             self._close_files()
 
 
-def read_header(directory: Path | str) -> dict[str, Any]:
-    """The validated `shards.json` of a shards directory."""
-    path = Path(directory) / HEADER_FILE
-    if not path.is_file():
-        raise LmloomError(f"{directory} has no {HEADER_FILE}; is it a token-shards directory?")
+def _files(source: Path | str | Artifact | LocalDir) -> Artifact | LocalDir:
+    return source if isinstance(source, Artifact | LocalDir) else LocalDir(source)
+
+
+def read_header(source: Path | str | Artifact | LocalDir) -> dict[str, Any]:
+    """The validated `shards.json` of a shards directory or artifact."""
+    files = _files(source)
+    path = f"{files.short_id}: {HEADER_FILE}"
+    if not files.has(HEADER_FILE):
+        raise LmloomError(f"{files.short_id} has no {HEADER_FILE}; is it a token-shards artifact?")
     try:
-        header = json.loads(path.read_text(encoding="utf-8"))
+        header = json.loads(files.read_text(HEADER_FILE))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -229,16 +247,41 @@ def read_header(directory: Path | str) -> dict[str, Any]:
     return header
 
 
-class TokenShards:
-    """One split of a shards directory, memory-mapped: its token stream and its documents."""
+class _RangeReader:
+    """Array-like slicing (`reader[a:b]`) over a seekable binary reader of `count` items of `dtype`."""
 
-    def __init__(self, directory: Path | str, split: str):
-        self.directory = Path(directory)
+    def __init__(self, handle: BinaryIO, dtype: np.dtype, count: int):
+        self._handle, self._dtype, self._count = handle, dtype, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        start, stop, step = key.indices(self._count)
+        if step != 1:
+            raise IndexError("token ranges are contiguous")
+        size = self._dtype.itemsize
+        self._handle.seek(start * size)
+        data = self._handle.read(max(0, stop - start) * size)
+        return np.frombuffer(data, dtype=self._dtype)
+
+
+class TokenShards:
+    """One split of a shards directory or artifact: its token stream and its documents.
+
+    Plaintext shards are memory-mapped; encrypted ones are read range by range through the artifact's
+    codec, which decrypts only the chunks a range touches.
+    """
+
+    def __init__(self, source: Path | str | Artifact | LocalDir, split: str):
+        self.files = _files(source)
         self.split = split
-        header = read_header(self.directory)
+        header = read_header(self.files)
         splits = header.get("splits", {})
         if split not in splits:
-            raise LmloomError(f"{self.directory}: no split {split!r}; splits: {', '.join(splits) or 'none'}")
+            raise LmloomError(
+                f"{self.files.short_id}: no split {split!r}; splits: {', '.join(splits) or 'none'}"
+            )
         info = splits[split]
         self.header = header
         self.dtype = _DTYPES[header["dtype"]]
@@ -254,25 +297,27 @@ class TokenShards:
         self._shards = [
             self._map(s["file"], self.dtype, n) for s, n in zip(info["shards"], counts, strict=True)
         ]
-        self.offsets = self._map(info["index"], _INDEX_DTYPE, self.n_docs + 1)
+        self.offsets = self._map(info["index"], _INDEX_DTYPE, self.n_docs + 1)[:]  # small: held whole
         if self.offsets[0] != 0 or self.offsets[-1] != self.n_tokens:
             raise IntegrityError(f"{info['index']}: document offsets do not span the {split} split")
 
-    def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
+    def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray | _RangeReader:
+        where = f"{self.files.short_id}: {HEADER_FILE}"
         if not isinstance(name, str) or Path(name).name != name:
-            raise IntegrityError(
-                f"{self.directory / HEADER_FILE}: file name {name!r} is not a plain file name"
-            )
-        path = self.directory / name
-        if not path.is_file():
-            raise IntegrityError(f"{self.directory}: file {name} is missing")
-        size = path.stat().st_size
+            raise IntegrityError(f"{where}: file name {name!r} is not a plain file name")
+        if not self.files.has(name):
+            raise IntegrityError(f"{self.files.short_id}: file {name} is missing")
+        size = self.files.size(name)
         if size != count * dtype.itemsize:
             raise IntegrityError(
-                f"{path}: {size} bytes, the header says {count} x {dtype.itemsize} = {count * dtype.itemsize}"
+                f"{self.files.short_id}/{name}: {size} bytes, the header says "
+                f"{count} x {dtype.itemsize} = {count * dtype.itemsize}"
             )
         if count == 0:
             return np.zeros(0, dtype)  # mmap cannot map an empty file
+        path = self.files.plain_path(name)
+        if path is None:
+            return _RangeReader(self.files.open(name), dtype, count)
         return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(count,)))  # plain read-only view
 
     def __len__(self) -> int:

@@ -11,21 +11,21 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 from pydantic import Field
 
 from lmloom.artifacts.manifest import Manifest
+from lmloom.artifacts.store import Artifact
 from lmloom.config import StrictConfig
 from lmloom.errors import DataError
 from lmloom.stages import Stage
 from lmloom.tokenizers.bpe import (
     MIN_VOCAB_SIZE,
     SPECIAL_TOKENS,
-    TOKENIZER_FILE,
     capped_texts,
-    load_tokenizer,
+    load_tokenizer_artifact,
+    tokenizer_files,
     train_bpe,
 )
 from lmloom.tokenizers.shards import DEFAULT_MAX_TOKENS_PER_SHARD, ShardWriter
@@ -54,19 +54,19 @@ class EncodeConfig(StrictConfig):
 # -- reading a corpus --------------------------------------------------------------------------
 
 
-def corpus_records(path: Path) -> Iterator[tuple[str, int]]:
+def corpus_records(corpus: Artifact, name: str) -> Iterator[tuple[str, int]]:
     """(text, size of its line in bytes) for every record of a corpus JSONL file, in order."""
-    with open(path, "rb") as handle:
+    with corpus.open(name) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(f"{path.name} line {number}: not valid JSON ({exc})") from None
+                raise DataError(f"{name} line {number}: not valid JSON ({exc})") from None
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise DataError(f"{path.name} line {number}: record has no string field 'text'")
+                raise DataError(f"{name} line {number}: record has no string field 'text'")
             yield text, len(line)
 
 
@@ -87,22 +87,23 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 def run_train(config: TrainTokenizerConfig, inputs, ctx, out) -> None:
     corpus = inputs["corpus"]
-    train_path = corpus.file("train.jsonl")
     stats = {"bytes": 0, "documents": 0}
-    total = min(train_path.stat().st_size, config.max_train_bytes)
+    total = min(corpus.size("train.jsonl"), config.max_train_bytes)
     with ctx.progress(total, "reading training text", unit="B") as bar:
-        texts = capped_texts(_advancing(corpus_records(train_path), bar), config.max_train_bytes, stats)
+        records = corpus_records(corpus, "train.jsonl")
+        texts = capped_texts(_advancing(records, bar), config.max_train_bytes, stats)
         tokenizer = train_bpe(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency)
         bar.update(completed=total)
     if stats["bytes"] == 0:
         raise DataError(f"corpus {corpus.short_id}: train.jsonl has no text to train a tokenizer on")
-    tokenizer.save(out.path)
+    for name, text in tokenizer_files(tokenizer.backend).items():
+        out.write_text(name, text)
     ctx.log(
         f"vocabulary of {tokenizer.vocab_size:,} tokens learned from {stats['bytes']:,} bytes "
         f"({stats['documents']:,} documents)"
     )
 
-    measured = _bytes_per_token(tokenizer, corpus.file("val.jsonl"), config.max_eval_bytes)
+    measured = _bytes_per_token(tokenizer, corpus, config.max_eval_bytes)
     if measured["tokens"] == 0:
         ctx.log("no val.jsonl text sampled (empty split or max_eval_bytes = 0); bytes per token not measured")
     out.metadata.update(
@@ -119,10 +120,10 @@ def run_train(config: TrainTokenizerConfig, inputs, ctx, out) -> None:
     )
 
 
-def _bytes_per_token(tokenizer, path: Path, max_bytes: int) -> dict:
+def _bytes_per_token(tokenizer, corpus: Artifact, max_bytes: int) -> dict:
     stats: dict[str, int] = {}
     tokens = 0
-    texts = capped_texts((text for text, _ in corpus_records(path)), max_bytes, stats)
+    texts = capped_texts((text for text, _ in corpus_records(corpus, "val.jsonl")), max_bytes, stats)
     for batch in _batched(texts, 256):
         tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
     ratio = round(stats["bytes"] / tokens, 4) if tokens else None
@@ -163,20 +164,19 @@ TRAIN = Stage(
 
 def run_encode(config: EncodeConfig, inputs, ctx, out) -> None:
     corpus, tok_artifact = inputs["corpus"], inputs["tokenizer"]
-    tok_artifact.file(TOKENIZER_FILE)  # a clear error if the artifact lacks it
-    tokenizer = load_tokenizer(tok_artifact.path)
+    tokenizer = load_tokenizer_artifact(tok_artifact)
     vocab = tokenizer.vocab_size
     counts = {split: np.zeros(vocab, dtype=np.int64) for split in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)
     writer = ShardWriter(
-        out.path, vocab_size=vocab, eos_id=tokenizer.eos_id, max_tokens_per_shard=config.max_tokens_per_shard
+        out, vocab_size=vocab, eos_id=tokenizer.eos_id, max_tokens_per_shard=config.max_tokens_per_shard
     )
     with writer:
         for split in SPLITS:
-            path = corpus.file(f"{split}.jsonl")
+            name = f"{split}.jsonl"
             target = writer.split(split)
-            with ctx.progress(path.stat().st_size, f"encoding {split}", unit="B") as bar:
-                for batch in _batched(_advancing(corpus_records(path), bar), config.batch_size):
+            with ctx.progress(corpus.size(name), f"encoding {split}", unit="B") as bar:
+                for batch in _batched(_advancing(corpus_records(corpus, name), bar), config.batch_size):
                     tokens = target.add_batch(tokenizer.encode_batch(batch))
                     counts[split] += np.bincount(tokens, minlength=vocab)
                     text_bytes[split] += sum(len(text.encode("utf-8")) for text in batch)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 
 import torch
 from pydantic import Field, create_model
@@ -11,7 +10,7 @@ from pydantic import Field, create_model
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
-from lmloom.models.io import save_model_dir
+from lmloom.models.io import model_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
 from lmloom.tokenizers.bpe import TOKENIZER_FILES
@@ -59,8 +58,8 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     model = Decoder(model_cfg)
     optimizer = build_optimizer(model, config.optim)
     seq_len = model_cfg.seq_len
-    train = TokenShards(shards_art.path, "train")
-    val = TokenShards(shards_art.path, "val")
+    train = TokenShards(shards_art, "train")
+    val = TokenShards(shards_art, "val")
     data = WindowLoader(train, seq_len, seed=config.seed)
     tokens_per_step = config.batch_size * config.grad_accum * seq_len
     ctx.log(
@@ -91,11 +90,12 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     final_val = result.val_loss
     unigram = shards_art.manifest.metadata.get("unigram_val_nats")
 
-    save_model_dir(model, out.path)
+    for name, data in model_files(model).items():
+        out.write_bytes(name, data)
     for name in TOKENIZER_FILES:
-        if name in tok_art.manifest.files:
-            shutil.copyfile(tok_art.file(name), out.path / name)
-    shutil.copyfile(metrics.path, out.path / "metrics.jsonl")
+        if tok_art.has(name):
+            out.copy_from(tok_art, name)
+    out.write_bytes("metrics.jsonl", metrics.path.read_bytes())
     out.metadata.update(
         parameters=model.num_params(),
         model=model_cfg.model_dump(mode="json"),

@@ -1,0 +1,63 @@
+"""The `lmloom` command: parses, loads config, calls one stage or the pipeline. Nothing else lives here.
+
+One module per command group; this file only assembles them and turns user errors into one line.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmloom import __version__
+from lmloom.cli import artifacts, audit, generate, run
+from lmloom.cli.common import State, err, out
+from lmloom.errors import LmloomError
+
+app = typer.Typer(
+    help=(
+        "lmloom: from raw data to dialogue, with security built into every step.\n\n"
+        "Start with `lmloom run`: it trains a small model on your Python installation's own sources "
+        "and docs (no download) and prints what it made. Every result is a verified artifact in the "
+        "store (--store, or $LMLOOM_HOME, default ~/.lmloom); every stage run is in the audit log."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+app.add_typer(artifacts.app, name="artifacts")
+app.add_typer(audit.app, name="audit")
+app.command()(run.run)
+app.command()(run.recipes)
+app.command()(run.stages)
+app.command()(generate.generate)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"lmloom {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", envvar="LMLOOM_HOME", help="Artifact store directory [default: ~/.lmloom]"),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    State.store_path = store
+
+
+def main() -> None:
+    """Entry point: user errors become one red line and an exit code, never a traceback."""
+    try:
+        app()  # typer reports usage errors itself
+    except LmloomError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)

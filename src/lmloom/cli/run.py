@@ -1,0 +1,96 @@
+"""`lmloom run`, `recipes` and `stages`: run a recipe and explore what recipes can contain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lmloom.cli.common import err, open_store, out
+
+
+def run(
+    recipe: Annotated[
+        str, typer.Argument(help="A recipe YAML file or a built-in recipe name (see `lmloom recipes`).")
+    ] = "quickstart",
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="Override a recipe value: STAGE.KEY=VALUE (e.g. pretrain.max_steps=50), or a full "
+            "path such as stages.pretrain.config.optim.lr=1e-3. Values are parsed as YAML. Repeatable.",
+        ),
+    ] = None,
+) -> None:
+    """Run a recipe: every stage in order, reusing finished ones and resuming an interrupted one.
+
+    With no argument it runs the built-in `quickstart` recipe: Python's standard library ->
+    cleaned corpus -> BPE tokenizer -> token shards -> pre-trained decoder -> samples.
+    """
+    from lmloom.config import load_recipe
+    from lmloom.context import RunContext
+    from lmloom.pipeline import plan, run_plan
+
+    loaded = load_recipe(recipe, set_ or [])
+    steps = plan(loaded)  # every config is validated before anything runs
+    ctx = RunContext(open_store(), console=err)
+    err.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}", highlight=False)
+    try:
+        results = run_plan(steps, ctx)
+    except KeyboardInterrupt:
+        err.print("\n[yellow]interrupted[/yellow]: run the same command again to resume where it stopped")
+        raise typer.Exit(130) from None
+    _print_run_summary(results, ctx.store.root)
+
+
+def _print_run_summary(results, store_root: Path) -> None:
+    steps = Table(title="Stages", title_justify="left")
+    for column in ("step", "stage", "artifact", "status", "seconds"):
+        steps.add_column(column)
+    for r in results:
+        status = "[dim]reused[/dim]" if r.reused else "[green]made[/green]"
+        steps.add_row(r.name, r.stage.name, r.artifact.short_id, status, f"{r.seconds:.1f}")
+    out.print(steps)
+
+    figures = Table(title="Results", title_justify="left", show_header=False)
+    figures.add_column("what", style="bold")
+    figures.add_column("value")
+    for r in results:
+        for label, value in r.stage.summarize(r.artifact.manifest):
+            figures.add_row(f"{r.name}: {label}", value)
+    out.print(figures)
+
+    for r in results:
+        for sample in r.artifact.read_json("samples.json") if r.artifact.kind == "samples" else []:
+            out.rule(f"sample ({r.name})", align="left")
+            out.print(sample["prompt"], style="bold", end="", highlight=False, markup=False)
+            out.print(sample["completion"], highlight=False, markup=False)
+    out.print(f"\nArtifacts are in [bold]{store_root}[/bold] (`lmloom artifacts ls`, `lmloom audit verify`).")
+
+
+def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's YAML.")] = None) -> None:
+    """List the built-in recipes, or print one to copy and edit."""
+    from lmloom.config import builtin_recipes, read_recipe_text
+
+    if name:
+        out.print(read_recipe_text(name)[0], highlight=False, markup=False)
+        return
+    for recipe_name in builtin_recipes():
+        out.print(recipe_name)
+
+
+def stages() -> None:
+    """List the stages a recipe can use, with their inputs and config keys."""
+    from lmloom.stages import get_stage, stage_names
+
+    table = Table()
+    for column in ("stage", "makes", "inputs", "config keys", "what it does"):
+        table.add_column(column)
+    for name in stage_names():
+        stage = get_stage(name)
+        inputs = ", ".join(f"{role}: {kind}" for role, kind in stage.inputs.items()) or "-"
+        table.add_row(name, stage.kind, inputs, ", ".join(stage.config.model_fields), stage.description)
+    out.print(table)
