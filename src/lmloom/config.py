@@ -19,7 +19,7 @@ from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmloom.errors import ConfigError
 
@@ -36,9 +36,16 @@ class StageSpec(StrictConfig):
     config: dict[str, Any] = {}
 
 
+class RecipeSecurity(StrictConfig):
+    encrypt: bool = Field(
+        False, description="encrypt every artifact (and scratch checkpoint) of the run at rest"
+    )
+
+
 class Recipe(StrictConfig):
     name: str
     description: str = ""
+    security: RecipeSecurity = RecipeSecurity()
     stages: dict[str, StageSpec]
 
 
@@ -196,7 +203,7 @@ def expand_key(raw: dict[str, Any], parts: list[str]) -> list[str]:
     if parts[0] not in stages:
         known = ", ".join(sorted(stages)) or "none"
         raise ConfigError(
-            f"--set {'.'.join(parts)}: {parts[0]!r} is neither a recipe key (name, description, stages) "
+            f"--set {'.'.join(parts)}: {parts[0]!r} is neither a recipe key ({', '.join(Recipe.model_fields)}) "
             f"nor a stage of this recipe (stages: {known})"
         )
     if len(parts) > 1 and parts[1] in StageSpec.model_fields:

@@ -27,8 +27,9 @@ class RunContext:
     def audit(self) -> AuditLog:
         return AuditLog(self.store.root / "audit.jsonl")
 
-    def for_stage(self, step: str, stage_key: str) -> StageContext:
-        return StageContext(self.store, self.console, self.principal, step, self.store.work_dir(stage_key))
+    def for_stage(self, step: str, stage_key: str, encrypt: bool = False) -> StageContext:
+        work_dir = self.store.work_dir(stage_key)
+        return StageContext(self.store, self.console, self.principal, step, work_dir, encrypt)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class StageContext:
     principal: str
     step: str  # the recipe's name for this stage, e.g. "pretrain"
     work_dir: Path  # survives interruption; the same stage key finds it again on re-run
+    encrypt: bool = False  # the run encrypts at rest: scratch files in work_dir must be encrypted too
 
     def progress(self, total: float | None, description: str, unit: str = "it"):
         return progress_bar(self.console, total, f"{self.step}: {description}", unit)

@@ -21,3 +21,15 @@ class IntegrityError(LmloomError):
 
 class DataError(LmloomError):
     """The input data cannot produce a usable result (e.g. nothing is left after cleaning)."""
+
+
+class SecurityError(LmloomError):
+    """A security control refused the action: a missing or wrong key, a bad or untrusted signature."""
+
+    exit_code = 4
+
+
+class AccessDenied(SecurityError):
+    """The access policy does not grant the acting principal the permission an action needs."""
+
+    exit_code = 5

@@ -28,6 +28,7 @@ class PlannedStep:
     stage: Stage
     config: StrictConfig
     inputs: dict[str, str]  # role -> step name, or "artifact:<id>"
+    encrypt: bool = False  # the recipe's security.encrypt
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
                     f"stages.{name}.inputs.{role} = {ref!r}: no such stage in this recipe "
                     f"(stages: {', '.join(recipe.stages)}; or use artifact:<id>)"
                 )
-        steps[name] = PlannedStep(name, stage, config, dict(spec.inputs))
+        steps[name] = PlannedStep(name, stage, config, dict(spec.inputs), recipe.security.encrypt)
     return _topological(steps)
 
 
@@ -82,7 +83,7 @@ def _topological(steps: dict[str, PlannedStep]) -> list[PlannedStep]:
     return ordered
 
 
-def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str]) -> str:
+def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str], encrypt: bool = False) -> str:
     outside = stage.fingerprint(config) if stage.fingerprint else None
     return sha256_json(
         {
@@ -91,6 +92,7 @@ def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str]) -> 
             "config": config_dict(config),
             "inputs": input_ids,
             "outside_inputs": outside,
+            "encrypt": encrypt,
         }
     )
 
@@ -126,7 +128,7 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
                 f"{stage.name} needs a {want}"
             )
     input_ids = {role: artifact.id for role, artifact in inputs.items()}
-    key = stage_key(stage, step.config, input_ids)
+    key = stage_key(stage, step.config, input_ids, step.encrypt)
     started = time.perf_counter()
 
     def audit(event: str, **fields) -> None:

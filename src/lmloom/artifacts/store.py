@@ -26,7 +26,7 @@ from lmloom.artifacts.atomic import fsync_dir, fsync_tree, write_text_atomic
 from lmloom.artifacts.files import PLAIN, Codec, check_name, read_all, text_reader
 from lmloom.artifacts.hashing import sha256_file
 from lmloom.artifacts.manifest import MANIFEST_NAME, FileEntry, Manifest
-from lmloom.errors import IntegrityError, LmloomError
+from lmloom.errors import IntegrityError, LmloomError, SecurityError
 
 ENV_HOME = "LMLOOM_HOME"
 SHORT_ID = 12
@@ -45,7 +45,7 @@ class StoreSecurity:
 
     def write_codec(self, encrypt: bool) -> Codec:
         if encrypt:
-            raise LmloomError(
+            raise SecurityError(
                 "this recipe asks for encryption (security.encrypt: true) but no key is configured; "
                 "run `lmloom keys init` and set LMLOOM_KEK or LMLOOM_KEK_FILE"
             )
@@ -53,7 +53,7 @@ class StoreSecurity:
 
     def read_codec(self, manifest: Manifest, where: str) -> Codec:
         if manifest.encryption is not None:
-            raise LmloomError(f"{where} is encrypted; set LMLOOM_KEK or LMLOOM_KEK_FILE to read it")
+            raise SecurityError(f"{where} is encrypted; set LMLOOM_KEK or LMLOOM_KEK_FILE to read it")
         return PLAIN
 
     def on_commit(self, artifact: Artifact) -> None:
@@ -61,6 +61,9 @@ class StoreSecurity:
 
     def on_open(self, artifact: Artifact) -> None:
         """Called after an artifact's files verified, before anyone reads it (e.g. signature policy)."""
+
+    def on_refusal(self, ref: str, error: LmloomError) -> None:
+        """Called when a read is refused (verification, signature or key failure), e.g. to audit it."""
 
 
 @dataclass(frozen=True)
@@ -282,13 +285,22 @@ class ArtifactStore:
         return manifest
 
     def open(self, ref: str) -> Artifact:
-        """Verify every file of an artifact and return it; raise IntegrityError naming the first bad file."""
-        manifest = self.read_manifest(ref)
-        artifact = Artifact(manifest.id, self.artifact_dir(manifest.id), manifest)
-        self._verify_files(artifact)
-        where = f"artifact {artifact.short_id} ({artifact.kind})"
-        artifact = Artifact(artifact.id, artifact.path, manifest, self.security.read_codec(manifest, where))
-        self.security.on_open(artifact)
+        """Verify every file of an artifact and return it; raise IntegrityError naming the first bad file.
+
+        Every refusal (bad hash, signature, key) is reported to the security hooks before it is raised.
+        """
+        try:
+            manifest = self.read_manifest(ref)
+            artifact = Artifact(manifest.id, self.artifact_dir(manifest.id), manifest)
+            self._verify_files(artifact)
+            where = f"artifact {artifact.short_id} ({artifact.kind})"
+            artifact = Artifact(
+                artifact.id, artifact.path, manifest, self.security.read_codec(manifest, where)
+            )
+            self.security.on_open(artifact)
+        except (IntegrityError, SecurityError) as exc:
+            self.security.on_refusal(ref, exc)
+            raise
         return artifact
 
     def verify(self, ref: str) -> Artifact:

@@ -15,9 +15,11 @@ class State:
 
 
 def open_store():
-    from lmloom.artifacts.store import ArtifactStore
+    from lmloom.artifacts.store import ArtifactStore, default_store_root
+    from lmloom.security.context import store_security
 
-    return ArtifactStore(State.store_path)
+    root = State.store_path or default_store_root()
+    return ArtifactStore(root, security=store_security(root))
 
 
 def human_size(n: float) -> str:
