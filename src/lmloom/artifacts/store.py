@@ -281,7 +281,10 @@ class ArtifactStore:
             raise IntegrityError(f"{where}: {MANIFEST_NAME} is missing")
         manifest = Manifest.parse(path.read_bytes(), where)
         if manifest.id != artifact_id:
-            raise IntegrityError(f"{where}: {MANIFEST_NAME} does not match the artifact id (it was altered)")
+            raise IntegrityError(
+                f"{where} ({manifest.kind}, as it claims): {MANIFEST_NAME} does not match the artifact id "
+                "(it was altered)"
+            )
         return manifest
 
     def open(self, ref: str) -> Artifact:
