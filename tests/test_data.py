@@ -373,7 +373,7 @@ def test_stage_end_to_end_writes_corpus_and_reuses_it(tmp_path, corpus_dir):
     assert (
         set(artifact.manifest.files)
         == set(FILES)
-        == {"train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl"}
+        == {"train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", "sources.jsonl"}
     )
 
     train, val = read_jsonl(artifact.file("train.jsonl")), read_jsonl(artifact.file("val.jsonl"))
@@ -472,7 +472,7 @@ def test_config_errors_name_the_key():
         plan(recipe({"min_char": 3}))
     with pytest.raises(
         ConfigError,
-        match=r"stages\.corpus\.config\.sources\.0\.patern: unknown key .*allowed: kind, name, path, patterns, type",
+        match=r"stages\.corpus\.config\.sources\.0\.patern: unknown key .*allowed: digest, kind, name, path, patterns, pins, type",
     ):
         plan(recipe({"sources": [{"type": "text-dir", "path": "x", "patern": ["*.txt"]}]}))
     with pytest.raises(ConfigError, match=r"sources\.0.*'csv'.*python-stdlib.*text-dir.*jsonl"):

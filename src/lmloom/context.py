@@ -14,14 +14,22 @@ from rich.console import Console
 from lmloom.artifacts.store import ArtifactStore
 from lmloom.monitor.progress import progress_bar
 from lmloom.security.audit import AuditLog
-from lmloom.security.identity import current_principal
+from lmloom.security.policy import Access, resolve_access
 
 
 @dataclass
 class RunContext:
     store: ArtifactStore
     console: Console = field(default_factory=lambda: Console(stderr=True))
-    principal: str = field(default_factory=current_principal)
+    # Who acts, and under which access policy; resolved from the store when not given. A `principal`
+    # passed here is a label in single-user mode and must match the policy's principal otherwise.
+    principal: str = ""
+    access: Access | None = None
+
+    def __post_init__(self) -> None:
+        if self.access is None:
+            self.access = resolve_access(self.store.root, claimed=self.principal or None)
+        self.principal = self.access.principal
 
     @property
     def audit(self) -> AuditLog:

@@ -102,6 +102,10 @@ def run_recipe(recipe: Recipe, ctx: RunContext) -> list[StepResult]:
 
 
 def run_plan(steps: list[PlannedStep], ctx: RunContext) -> list[StepResult]:
+    for step in steps:  # a stage the principal may not run stops the recipe before anything runs
+        authorize(step, ctx)
+    if any(step.encrypt for step in steps):
+        ctx.store.security.write_codec(True)  # no key configured: fail before any stage starts
     produced: dict[str, Artifact] = {}
     results: list[StepResult] = []
     for step in steps:
@@ -118,7 +122,17 @@ def _resolve_input(ref: str, produced: dict[str, Artifact], ctx: RunContext) -> 
     return produced[ref]
 
 
+def authorize(step: PlannedStep, ctx: RunContext) -> None:
+    """The acting principal must hold the stage's permissions to run it or to reuse its cached result."""
+    assert ctx.access is not None
+    ctx.access.require(
+        *step.stage.permissions, action=f"stage {step.stage.name}", step=step.name, stage=step.stage.name
+    )
+
+
 def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) -> StepResult:
+    # Before anything else, the stage key included: its fingerprint reads the raw sources.
+    authorize(step, ctx)
     stage = step.stage
     for role, artifact in inputs.items():
         want = stage.inputs[role]
@@ -145,20 +159,23 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
 
     config_json = config_dict(step.config)
     audit("stage.start", inputs=sorted(input_ids.values()), config_hash=sha256_json(config_json))
-    stage_ctx = ctx.for_stage(step.name, key)
-    out = ctx.store.create(
-        kind=stage.kind,
-        stage=stage.name,
-        config=config_json,
-        inputs=input_ids,
-        stage_key=key,
-        principal=ctx.principal,
-    )
-    try:
+    stage_ctx = ctx.for_stage(step.name, key, step.encrypt)
+    out = None
+    try:  # every stage.start gets its stage.end, whatever fails (the writer's key lookup included)
+        out = ctx.store.create(
+            kind=stage.kind,
+            stage=stage.name,
+            config=config_json,
+            inputs=input_ids,
+            stage_key=key,
+            principal=ctx.principal,
+            encrypt=step.encrypt,
+        )
         stage.run(step.config, inputs, stage_ctx, out)
         artifact = out.commit()
     except BaseException as exc:
-        out.abort()
+        if out is not None:
+            out.abort()
         outcome = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
         audit("stage.end", outcome=outcome, error=f"{type(exc).__name__}: {exc}"[:500], seconds=elapsed())
         raise

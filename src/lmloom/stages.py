@@ -25,6 +25,9 @@ class Stage:
     config: type[StrictConfig]
     run: Callable[..., None]
     inputs: dict[str, str]  # role -> required artifact kind
+    # What the acting principal must hold to run or reuse it (lmloom.security.policy.Permission);
+    # required, so a new stage cannot forget it and be open to everyone.
+    permissions: tuple[str, ...]
     version: int = 1  # bump when the same config and inputs would now produce different output
     summary: Callable[[Manifest], list[tuple[str, str]]] | None = None
     description: str = ""

@@ -30,6 +30,9 @@ from lmloom.errors import IntegrityError, LmloomError, SecurityError
 
 ENV_HOME = "LMLOOM_HOME"
 SHORT_ID = 12
+# Reserved folder inside an artifact for signature sidecars (lmloom.security.signing): they are added
+# after publishing, so they are not in the manifest; the signature verifier checks what lies there.
+SIGNATURES_DIR = "signatures"
 
 
 def default_store_root() -> Path:
@@ -200,6 +203,8 @@ def _hash_tree(root: Path) -> dict[str, FileEntry]:
             raise LmloomError(f"artifact file {rel} is a symlink; artifacts hold plain files only")
         if rel == MANIFEST_NAME:
             raise LmloomError(f"a stage may not write its own {MANIFEST_NAME}")
+        if rel.split("/", 1)[0] == SIGNATURES_DIR:
+            raise LmloomError(f"artifact file {rel}: {SIGNATURES_DIR}/ is reserved for signatures")
         files[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
     return files
 
@@ -315,7 +320,9 @@ class ArtifactStore:
         present = {
             p.relative_to(artifact.path).as_posix()
             for p in artifact.path.rglob("*")
-            if not p.is_dir() and p.name != MANIFEST_NAME
+            if not p.is_dir()
+            and p.name != MANIFEST_NAME
+            and p.relative_to(artifact.path).parts[0] != SIGNATURES_DIR  # checked by the signature verifier
         }
         for name in sorted(present - expected.keys()):
             raise IntegrityError(f"{where}: unexpected file {name} (not in the manifest)")

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from lmloom import __version__
-from lmloom.cli import artifacts, audit, generate, run
+from lmloom.cli import artifacts, audit, generate, keys, policy, run, signing
 from lmloom.cli.common import State, err, out
 from lmloom.errors import LmloomError
 
@@ -29,6 +29,11 @@ app = typer.Typer(
 )
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(audit.app, name="audit")
+app.add_typer(keys.app, name="keys")
+app.add_typer(policy.app, name="policy")
+app.add_typer(signing.signing_app, name="signing")
+app.add_typer(signing.trust_app, name="trust")
+artifacts.app.command("sign")(signing.artifacts_sign)
 app.command()(run.run)
 app.command()(run.recipes)
 app.command()(run.stages)
@@ -52,6 +57,7 @@ def main_options(
     ] = False,
 ) -> None:
     State.store_path = store
+    State.access = None  # resolved afresh for each invocation (tests run several in one process)
 
 
 def main() -> None:

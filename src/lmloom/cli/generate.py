@@ -6,10 +6,11 @@ from typing import Annotated
 
 import typer
 
-from lmloom.cli.common import open_store, out
+from lmloom.cli.common import open_store, out, requires
 from lmloom.errors import LmloomError
 
 
+@requires("serve")
 def generate(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint artifact id (a unique prefix is enough).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",

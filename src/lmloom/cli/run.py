@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lmloom.cli.common import err, open_store, out
+from lmloom.cli.common import current_access, err, open_store, out, public, requires
 
 
+@requires()  # identify the principal; each stage checks its own permissions before it runs
 def run(
     recipe: Annotated[
         str, typer.Argument(help="A recipe YAML file or a built-in recipe name (see `lmloom recipes`).")
@@ -36,7 +37,7 @@ def run(
 
     loaded = load_recipe(recipe, set_ or [])
     steps = plan(loaded)  # every config is validated before anything runs
-    ctx = RunContext(open_store(), console=err)
+    ctx = RunContext(open_store(), console=err, access=current_access())
     err.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}", highlight=False)
     try:
         results = run_plan(steps, ctx)
@@ -71,6 +72,7 @@ def _print_run_summary(results, store_root: Path) -> None:
     out.print(f"\nArtifacts are in [bold]{store_root}[/bold] (`lmloom artifacts ls`, `lmloom audit verify`).")
 
 
+@public
 def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's YAML.")] = None) -> None:
     """List the built-in recipes, or print one to copy and edit."""
     from lmloom.config import builtin_recipes, read_recipe_text
@@ -82,15 +84,17 @@ def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's 
         out.print(recipe_name)
 
 
+@public
 def stages() -> None:
     """List the stages a recipe can use, with their inputs and config keys."""
     from lmloom.stages import get_stage, stage_names
 
     table = Table()
-    for column in ("stage", "makes", "inputs", "config keys", "what it does"):
+    for column in ("stage", "makes", "inputs", "config keys", "needs permission", "what it does"):
         table.add_column(column)
     for name in stage_names():
         stage = get_stage(name)
         inputs = ", ".join(f"{role}: {kind}" for role, kind in stage.inputs.items()) or "-"
-        table.add_row(name, stage.kind, inputs, ", ".join(stage.config.model_fields), stage.description)
+        keys = ", ".join(stage.config.model_fields)
+        table.add_row(name, stage.kind, inputs, keys, ", ".join(stage.permissions), stage.description)
     out.print(table)

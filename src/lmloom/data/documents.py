@@ -33,6 +33,9 @@ class Document:
     kind: Kind
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # The FileRecord (lmloom.data.provenance) of the file it was read from, for per-file counts;
+    # not part of the document's identity or its JSON.
+    origin: Any = field(default=None, compare=False, repr=False)
 
     def with_text(self, text: str) -> Document:
         return self if text == self.text else replace(self, text=text)
@@ -48,6 +51,7 @@ class Reject:
     reason: str
     excerpt: str = ""
     detail: str = ""  # the parser's own words, e.g. "Expecting ',' delimiter: line 1 column 9"
+    origin: Any = field(default=None, compare=False, repr=False)  # the FileRecord, as for Document
 
     def to_json(self) -> dict[str, Any]:
         return {

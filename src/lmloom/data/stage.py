@@ -6,8 +6,11 @@ The corpus artifact holds
     val.jsonl       the same, for the validation split (see lmloom.data.split)
     rejects.jsonl   every record a source could not read: {"source", "location", "reason", "excerpt", "detail"}
     removed.jsonl   every document a cleaning step dropped: {"id", "source", "step", "reason"}
+    sources.jsonl   every file the sources read, with the sha256 and size of the bytes read and what
+                    became of its documents (format: lmloom.artifacts.lineage; see data.provenance)
 
-and its manifest metadata holds the totals, removals and rejects by reason, and per-step statistics.
+and its manifest metadata holds the totals, removals and rejects by reason, per-step statistics, and
+the number and digest of the source files (no text and no per-file paths: those are in the files).
 Documents stream from the sources through the steps into the files one at a time; only the dedup
 digests and two held-back documents (see SplitWriter) stay in memory.
 """
@@ -20,11 +23,13 @@ from typing import Any
 
 from pydantic import Field
 
+from lmloom.artifacts.lineage import SOURCES_FILE, listing_digest
 from lmloom.artifacts.manifest import Manifest
 from lmloom.artifacts.store import Artifact, ArtifactWriter
 from lmloom.config import StrictConfig
 from lmloom.context import StageContext
 from lmloom.data.documents import Document, JsonlWriter, Reject, utf8_len
+from lmloom.data.provenance import FileRecord, SourceLedger
 from lmloom.data.sources import SourceConfig, read_source, source_fingerprint
 from lmloom.data.split import SplitWriter
 from lmloom.data.stdlib_corpus import StdlibSource
@@ -32,7 +37,7 @@ from lmloom.data.steps import NormalForm, Step, build_steps, run_steps
 from lmloom.errors import DataError
 from lmloom.stages import Stage
 
-FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl")
+FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", SOURCES_FILE)
 _PROGRESS_EVERY = 64
 
 
@@ -47,6 +52,7 @@ class PrepareConfig(StrictConfig):
 def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, out: ArtifactWriter) -> None:
     steps = build_steps(config.normalize, config.min_chars, config.dedup)
     sources: list[dict[str, Any]] = []
+    files: list[FileRecord] = []
     rejected: Counter[str] = Counter()
 
     with (
@@ -67,17 +73,27 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
 
         def on_drop(doc: Document, step: str, reason: str) -> None:
             removed.write({"id": doc.id, "source": doc.source, "step": step, "reason": reason})
+            if doc.origin is not None:
+                doc.origin.removed += 1
 
         def on_read(count: int) -> None:
             if count % _PROGRESS_EVERY == 0:
                 bar.update(count, note=f"{splitter.written:,} kept")
 
-        for doc in run_steps(read_documents(config.sources, sources, on_reject, on_read), steps, on_drop):
+        documents = read_documents(config.sources, sources, on_reject, on_read, files)
+        for doc in run_steps(documents, steps, on_drop):
             splitter.add(doc)
+            if doc.origin is not None:
+                doc.origin.kept += 1
         splitter.finish()
         bar.update(sum(s["documents"] for s in sources), note=f"{splitter.written:,} kept")
 
+    with JsonlWriter(out.open(SOURCES_FILE)) as listing:
+        for record in sorted(files, key=lambda f: (f.source_index, f.relpath)):
+            listing.write(record.to_json())
+
     meta = corpus_metadata(config, sources, steps, splitter, rejected)
+    meta["source_files"] = source_files_metadata(files)
     out.metadata.update(meta)
     if meta["documents"]["kept"] == 0:
         raise DataError(_nothing_left(config, meta))
@@ -127,24 +143,49 @@ def read_documents(
     stats: list[dict[str, Any]],
     on_reject: Callable[[Reject], None],
     on_read: Callable[[int], None] = lambda count: None,
+    files: list[FileRecord] | None = None,
 ) -> Iterator[Document]:
-    """Documents of every source in order; rejects go to `on_reject`, per-source counts into `stats`."""
+    """Documents of every source in order; rejects go to `on_reject`, per-source counts into `stats`,
+    and a record of every file read (sha256, size, per-file counts) into `files`.
+
+    A source whose pins do not match raises IntegrityError from here, before the stage can publish.
+    """
     count = 0
-    for cfg in configs:
+    for index, cfg in enumerate(configs):
         notes: dict[str, Any] = {}
+        ledger = SourceLedger.for_config(cfg, index)
         entry = {"type": cfg.type, "name": cfg.label, "documents": 0, "bytes": 0, "rejects": 0}
         stats.append(entry)
-        for record in read_source(cfg, notes):
+        for record in read_source(cfg, notes, ledger):
             if isinstance(record, Reject):
                 entry["rejects"] += 1
+                if record.origin is not None:
+                    record.origin.rejected += 1
                 on_reject(record)
                 continue
             entry["documents"] += 1
             entry["bytes"] += utf8_len(record.text)
+            if record.origin is not None:
+                record.origin.documents += 1
             count += 1
             on_read(count)
             yield record
         entry.update(notes)
+        # the value a `digest:` pin of this source takes; the files themselves are in sources.jsonl
+        entry.update(files=len(ledger.files), digest=ledger.digest)
+        if files is not None:
+            files.extend(ledger.files)
+
+
+def source_files_metadata(files: list[FileRecord]) -> dict[str, Any]:
+    """How many source files fed the corpus, their bytes, and a digest of their sorted (path, sha256)
+    listing (see lmloom.artifacts.lineage.listing_digest), so two corpora can be compared at a glance."""
+    return {
+        "count": len(files),
+        "bytes": sum(f.size or 0 for f in files),
+        "unreadable": sum(1 for f in files if f.sha256 is None),
+        "digest": listing_digest((f.path, f.sha256) for f in files),
+    }
 
 
 def _nothing_left(config: PrepareConfig, meta: dict[str, Any]) -> str:
@@ -174,6 +215,8 @@ def summary(manifest: Manifest) -> list[tuple[str, str]]:
     meta = manifest.metadata
     docs, size, rejects = meta["documents"], meta["bytes"], meta["rejects"]
     by_kind = ", ".join(f"{kind} {n:,}" for kind, n in docs["kept_by_kind"].items())
+    files = meta.get("source_files")  # absent from corpora made before sources.jsonl existed
+    source_rows = [("source files", f"{files['count']:,} ({human_bytes(files['bytes'])})")] if files else []
     return [
         ("documents kept", f"{docs['kept']:,} of {docs['read']:,}" + (f" ({by_kind})" if by_kind else "")),
         ("removed", _counts(docs["removed"]) or "none"),
@@ -187,6 +230,7 @@ def summary(manifest: Manifest) -> list[tuple[str, str]]:
             f"{human_bytes(size['kept'])} (train {human_bytes(size['train'])}, "
             f"val {human_bytes(size['val'])})",
         ),
+        *source_rows,
     ]
 
 
@@ -207,6 +251,8 @@ PREPARE = Stage(
     config=PrepareConfig,
     run=run,
     inputs={},
+    version=2,  # 2: sources.jsonl (files read, with sha256) and source pins
+    permissions=("read-raw-data", "write-corpus"),
     summary=summary,
     description="Read text sources, normalise, clean, deduplicate and split them into train/val JSONL.",
     fingerprint=fingerprint,

@@ -35,6 +35,7 @@ from lmloom.data.documents import (
     excerpt,
     utf8_len,
 )
+from lmloom.data.provenance import Digest, FileRecord, Pins, SourceLedger
 from lmloom.errors import DataError
 
 SOURCE_TYPE = "python-stdlib"
@@ -60,10 +61,15 @@ class StdlibSource(StrictConfig):
     topics: bool = True  # pydoc topics as prose documents
     max_bytes: int | None = Field(DEFAULT_MAX_BYTES, ge=1)  # UTF-8 bytes of text taken; None: everything
     name: str = SOURCE_TYPE
+    pins: Pins = {}  # paths relative to `root`, e.g. {"os.py": <sha256>, "pydoc_data/topics.py": ...}
+    digest: Digest = None
 
     @property
     def label(self) -> str:
         return self.name
+
+    def pinned_files(self) -> dict[str, str]:
+        return dict(self.pins)
 
 
 @dataclass(frozen=True)
@@ -74,27 +80,39 @@ class _Item:
     size: int
     path: Path | None = None
     text: str | None = None
+    origin: FileRecord | None = None  # a topic's: the topics file's record
 
     @property
     def order(self) -> bytes:
         return hashlib.sha256(self.id.encode("utf-8")).digest()
 
 
-def read_stdlib(cfg: StdlibSource, notes: dict[str, Any] | None = None) -> Iterator[Document | Reject]:
-    """Documents of the standard library in a stable hash order, at most `cfg.max_bytes` of text."""
+def read_stdlib(
+    cfg: StdlibSource, notes: dict[str, Any] | None = None, ledger: SourceLedger | None = None
+) -> Iterator[Document | Reject]:
+    """Documents of the standard library in a stable hash order, at most `cfg.max_bytes` of text.
+
+    Every file read (each `.py` file the cap takes, and the topics file) is recorded in `ledger`
+    with the sha256 of its bytes, and checked against the source's pins.
+    """
     notes = {} if notes is None else notes
+    ledger = ledger or SourceLedger.for_config(cfg)
     root = cfg.root
     if not root.is_dir():
         raise DataError(f"{cfg.name} source: standard library directory {root} does not exist")
     files = list_stdlib_files(root, include_tests=cfg.include_tests)
+    ledger.expect(root, [rel for rel, _ in files])
     items = [
         _Item(rel, size, path=root / rel) for rel, size in files if not (cfg.topics and rel == TOPICS_FILE)
     ]
     if cfg.topics:
-        topics, problem = read_topics(root)
+        topics, problem, origin = read_topics(root, ledger)
         if problem:
-            yield Reject(cfg.name, str(root / TOPICS_FILE), UNREADABLE_FILE, detail=problem)
-        items += [_Item(f"pydoc-topic:{name}", utf8_len(text), text=text) for name, text in topics.items()]
+            yield Reject(cfg.name, str(root / TOPICS_FILE), UNREADABLE_FILE, detail=problem, origin=origin)
+        items += [
+            _Item(f"pydoc-topic:{name}", utf8_len(text), text=text, origin=origin)
+            for name, text in topics.items()
+        ]
     items.sort(key=lambda item: (item.order, item.id))
     notes.update(
         root=str(root),
@@ -109,7 +127,7 @@ def read_stdlib(cfg: StdlibSource, notes: dict[str, Any] | None = None) -> Itera
         if item.size > budget:
             left_out += 1
             continue
-        for record in _read_item(item, cfg):
+        for record in _read_item(item, cfg, ledger):
             if isinstance(record, Document):
                 size = utf8_len(record.text)
                 if size > budget:
@@ -118,30 +136,33 @@ def read_stdlib(cfg: StdlibSource, notes: dict[str, Any] | None = None) -> Itera
                 budget -= size
             yield record
     notes["left_out_by_cap"] = left_out
+    ledger.finish()
 
 
-def _read_item(item: _Item, cfg: StdlibSource) -> Iterator[Document | Reject]:
+def _read_item(item: _Item, cfg: StdlibSource, ledger: SourceLedger) -> Iterator[Document | Reject]:
     if item.text is not None:
         topic = item.id.split(":", 1)[1]
-        yield Document(item.id, item.text, "prose", cfg.name, {"topic": topic})
+        yield Document(item.id, item.text, "prose", cfg.name, {"topic": topic}, item.origin)
         return
     try:
         data = item.path.read_bytes()
     except OSError as exc:
-        yield Reject(cfg.name, item.id, UNREADABLE_FILE, detail=f"{type(exc).__name__}: {exc}")
+        origin = ledger.unreadable(item.path, item.id, exc)
+        yield Reject(cfg.name, item.id, UNREADABLE_FILE, detail=f"{type(exc).__name__}: {exc}", origin=origin)
         return
+    origin = ledger.read_bytes(item.path, item.id, data)  # refuses a pinned file with other bytes
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         where = f"{item.id}:{decode_error_line(data, exc)}"
-        yield Reject(
-            cfg.name, where, INVALID_UTF8, excerpt(data[max(0, exc.start - 40) : exc.end + 40]), str(exc)
-        )
+        bad = excerpt(data[max(0, exc.start - 40) : exc.end + 40])
+        yield Reject(cfg.name, where, INVALID_UTF8, bad, str(exc), origin=origin)
         return
     module = module_name(item.id)
-    yield Document(item.id, text, "code", cfg.name, {"path": item.id, "module": module})
+    meta = {"path": item.id, "module": module}
+    yield Document(item.id, text, "code", cfg.name, meta, origin)
     if cfg.docstrings and (doc := module_docstring(text)):
-        yield Document(f"{item.id}#docstring", doc, "prose", cfg.name, {"path": item.id, "module": module})
+        yield Document(f"{item.id}#docstring", doc, "prose", cfg.name, dict(meta), origin)
 
 
 def list_stdlib_files(root: Path, include_tests: bool = False) -> list[tuple[str, int]]:
@@ -164,22 +185,32 @@ def list_stdlib_files(root: Path, include_tests: bool = False) -> list[tuple[str
     return sorted(found)
 
 
-def read_topics(root: Path) -> tuple[dict[str, str], str | None]:
-    """The pydoc topics {name: text}, read from `pydoc_data/topics.py` with ast (not imported)."""
+def read_topics(
+    root: Path, ledger: SourceLedger | None = None
+) -> tuple[dict[str, str], str | None, FileRecord | None]:
+    """The pydoc topics {name: text}, read from `pydoc_data/topics.py` with ast (not imported), the
+    problem that kept them from being read (or None), and the file's record in `ledger`."""
+    ledger = ledger or SourceLedger(SOURCE_TYPE, SOURCE_TYPE)
     path = root / TOPICS_FILE
     if not path.is_file():
-        return {}, None  # some distributions ship the stdlib without pydoc_data
+        return {}, None, None  # some distributions ship the stdlib without pydoc_data
     try:
-        tree = ast.parse(path.read_bytes().decode("utf-8"))
+        data = path.read_bytes()
+    except OSError as exc:
+        return {}, f"{type(exc).__name__}: {exc}", ledger.unreadable(path, TOPICS_FILE, exc)
+    origin = ledger.read_bytes(path, TOPICS_FILE, data)  # refuses a pinned file with other bytes
+    try:
+        tree = ast.parse(data.decode("utf-8"))
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(
                 isinstance(target, ast.Name) and target.id == "topics" for target in node.targets
             ):
                 value = ast.literal_eval(node.value)
-                return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}, None
-    except (OSError, UnicodeDecodeError, SyntaxError, ValueError) as exc:
-        return {}, f"{type(exc).__name__}: {exc}"
-    return {}, "no `topics = {...}` assignment found"
+                topics = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+                return topics, None, origin
+    except (UnicodeDecodeError, SyntaxError, ValueError) as exc:
+        return {}, f"{type(exc).__name__}: {exc}", origin
+    return {}, "no `topics = {...}` assignment found", origin
 
 
 def module_docstring(source: str) -> str | None:

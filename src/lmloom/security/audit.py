@@ -189,3 +189,69 @@ def _last_line(path: Path) -> bytes | None:
             if b"\n" in stripped:
                 return stripped.rsplit(b"\n", 1)[1]
         return data.rstrip(b"\n") or None
+
+
+# -- querying ------------------------------------------------------------------------------------
+
+ARTIFACT_FIELDS = ("artifact", "artifacts", "inputs", "outputs")
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Which entries `lmloom audit show` prints; every given criterion must hold.
+
+    `principal`: exactly, or `alice` also matches `alice@any-host`. `event`: a prefix (`security.`).
+    `artifact`: an id or prefix found in an entry's artifact/inputs/outputs (a short reference an
+    entry recorded, such as a refused read of `3f2a`, matches the full id too). `since` / `until`:
+    inclusive bounds on the entry's time; naive datetimes are UTC.
+    """
+
+    principal: str | None = None
+    event: str | None = None
+    artifact: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def matches(self, entry: dict[str, Any]) -> bool:
+        principal = str(entry.get("principal", ""))
+        if self.principal and principal != self.principal and not principal.startswith(self.principal + "@"):
+            return False
+        if self.event and not str(entry.get("event", "")).startswith(self.event):
+            return False
+        if self.artifact and not any(_same_artifact(ref, self.artifact) for ref in _artifact_refs(entry)):
+            return False
+        if self.since or self.until:
+            when = _entry_time(entry)
+            if when is None:
+                return False
+            if self.since and when < _utc(self.since):
+                return False
+            if self.until and when > _utc(self.until):
+                return False
+        return True
+
+    def select(self, entries: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        return (e for e in entries if self.matches(e))
+
+
+def _artifact_refs(entry: dict[str, Any]) -> Iterator[str]:
+    for key in ARTIFACT_FIELDS:
+        value = entry.get(key)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+        yield from (v for v in values if isinstance(v, str) and v)
+
+
+def _same_artifact(ref: str, wanted: str) -> bool:
+    ref, wanted = ref.lower(), wanted.lower()
+    return ref.startswith(wanted) or (len(ref) >= 4 and wanted.startswith(ref))
+
+
+def _entry_time(entry: dict[str, Any]) -> datetime | None:
+    try:
+        return _utc(datetime.fromisoformat(str(entry["time"])))
+    except (KeyError, ValueError):
+        return None
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when

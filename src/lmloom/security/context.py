@@ -7,12 +7,18 @@ access policy apply. Every artifact write and read then passes through these hoo
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
+from lmloom.artifacts.files import PLAIN, Codec
+from lmloom.artifacts.manifest import Manifest
 from lmloom.artifacts.store import Artifact, StoreSecurity
 from lmloom.errors import IntegrityError, LmloomError
 from lmloom.security.audit import AuditLog
+from lmloom.security.encryption import ChunkedAesGcmCodec, chunk_size_from_env
 from lmloom.security.identity import current_principal
+from lmloom.security.keyring import StoreKeys
+from lmloom.security.signing import ArtifactSigning
 
 
 class LmloomSecurity(StoreSecurity):
@@ -35,8 +41,51 @@ class LmloomSecurity(StoreSecurity):
         except IntegrityError as audit_error:  # the refusal itself is still raised by the caller
             error.add_note(f"(and it could not be audited: {audit_error})")
 
+    # -- signatures: new artifacts signed with the configured key, reads checked against the trust store
+    @cached_property
+    def signing(self) -> ArtifactSigning:
+        return ArtifactSigning.for_store(self.root)
+
+    def on_commit(self, artifact: Artifact) -> None:
+        signed = self.signing.sign(artifact)
+        if signed is not None:
+            self.audit.append(
+                "artifact.signed",
+                self.principal,
+                artifact=artifact.id,
+                key_id=signed.key_id,
+                algorithm=signed.algorithm,
+            )
+
     def on_open(self, artifact: Artifact) -> None:
-        return None
+        self.signing.enforce(artifact)  # SecurityError: bad signature, or unsigned/untrusted when required
+
+    # -- encryption at rest: DEKs from the store's keyring, unwrapped by the configured KEK --------
+    @cached_property
+    def keys(self) -> StoreKeys:
+        return StoreKeys(self.root)
+
+    def write_codec(self, encrypt: bool) -> Codec:
+        if not encrypt:
+            return PLAIN
+        dek_id, dek = self.keys.active()
+        return ChunkedAesGcmCodec.for_writing(dek_id, dek, chunk_size_from_env())
+
+    def read_codec(self, manifest: Manifest, where: str) -> Codec:
+        if manifest.encryption is None:
+            return PLAIN
+
+        def audit_failure(error: LmloomError) -> None:  # a chunk refused while reading, after open
+            try:
+                self.audit.append(
+                    "security.decrypt_failed", self.principal, artifact=where, detail=str(error)[:500]
+                )
+            except IntegrityError as audit_error:
+                error.add_note(f"(and it could not be audited: {audit_error})")
+
+        return ChunkedAesGcmCodec.from_header(
+            manifest.encryption, self.keys.dek, where, on_failure=audit_failure
+        )
 
 
 def store_security(root: Path, principal: str | None = None) -> LmloomSecurity:

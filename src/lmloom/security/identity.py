@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
-import getpass
 import os
+import pwd
 import socket
 
 ENV_PRINCIPAL = "LMLOOM_PRINCIPAL"
 
 
 def current_principal() -> str:
-    """`LMLOOM_PRINCIPAL` when set (CI, services), else user@host of the running process."""
+    """`LMLOOM_PRINCIPAL` when set (CI, services), else user@host of the running process.
+
+    Only a label: under an access policy `lmloom.security.policy.resolve_access` decides who acts.
+    """
     explicit = os.environ.get(ENV_PRINCIPAL)
     if explicit:
         return explicit
+    return f"{os_user()}@{os_host()}"
+
+
+def os_user() -> str:
+    """The account of the process's real uid (not $USER or $LOGNAME, which anyone can set)."""
     try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry, e.g. in some containers
-        user = f"uid{os.getuid()}"
-    return f"{user}@{socket.gethostname()}"
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # no passwd entry, e.g. in some containers
+        return f"uid{os.getuid()}"
+
+
+def os_host() -> str:
+    return socket.gethostname()

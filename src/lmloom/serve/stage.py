@@ -62,6 +62,7 @@ SAMPLES = Stage(
     config=SamplesConfig,
     run=run,
     inputs={"checkpoint": "checkpoint"},
+    permissions=("serve",),
     summary=summary,
     description="generate sample continuations of fixed prompts from a checkpoint",
 )

@@ -154,6 +154,7 @@ TRAIN = Stage(
     config=TrainTokenizerConfig,
     run=run_train,
     inputs={"corpus": "corpus"},
+    permissions=("write-corpus",),
     summary=summarize_train,
     description="learn a byte-level BPE vocabulary from the corpus' training split",
 )
@@ -245,6 +246,7 @@ ENCODE = Stage(
     config=EncodeConfig,
     run=run_encode,
     inputs={"corpus": "corpus", "tokenizer": "tokenizer"},
+    permissions=("write-corpus",),
     summary=summarize_encode,
     description="encode the corpus' train and val splits into memory-mapped token shards",
 )

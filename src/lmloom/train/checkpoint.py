@@ -9,6 +9,11 @@ A checkpoint is a directory `step-00000123/` holding
 
 written to a temp directory and renamed into place, so a crash (even `kill -9`) leaves either the
 whole checkpoint or none of it. Loading refuses a checkpoint whose files do not match checksums.json.
+
+When the run encrypts at rest (`CheckpointCodecs`), the three files are stored through an encrypting
+codec (`lmloom.security.encryption`, a fresh binding per checkpoint) and `encryption.json` holds the
+codec's header (no key material); checksums.json then covers the ciphertext and that header, so no
+plaintext weights of an encrypted run ever lie on disk.
 """
 
 from __future__ import annotations
@@ -17,19 +22,45 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import save as save_safetensors
 
 from lmloom.artifacts.atomic import fsync_dir, fsync_tree
+from lmloom.artifacts.files import Codec, read_all
 from lmloom.artifacts.hashing import sha256_file
-from lmloom.errors import IntegrityError
+from lmloom.artifacts.manifest import Manifest
+from lmloom.errors import IntegrityError, SecurityError
 
 PREFIX = "step-"
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+ENCRYPTION_FILE = "encryption.json"
+
+
+@dataclass(frozen=True)
+class CheckpointCodecs:
+    """How a run that encrypts at rest stores its scratch checkpoints."""
+
+    new: Callable[[], Codec]  # a fresh encrypting codec (its own binding) for each checkpoint
+    reader: Callable[[dict[str, Any], str], Codec]  # (encryption.json header, where) -> its reader
+
+    @classmethod
+    def from_store_security(cls, security: Any) -> CheckpointCodecs:
+        """Codecs from the store's security hooks: the same keys and scheme as the run's artifacts."""
+
+        def reader(header: dict[str, Any], where: str) -> Codec:
+            scratch = Manifest(
+                kind="scratch", stage="", files={}, tool={}, principal="", created="", encryption=header
+            )
+            return security.read_codec(scratch, where)
+
+        return cls(new=lambda: security.write_codec(True), reader=reader)
 
 
 @dataclass
@@ -51,26 +82,32 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     keep: int = 2,
+    codecs: CheckpointCodecs | None = None,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # stores tied weights once
         opt = optimizer.state_dict()
         tensors = {
             f"state.{index}.{name}": value.detach().contiguous()
             for index, entries in opt["state"].items()
             for name, value in entries.items()
         }
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {
             "train": state.to_json(),
             "param_groups": opt["param_groups"],
             "rng_torch": torch.get_rng_state().tolist(),
         }
-        (tmp / "state.json").write_text(json.dumps(meta))
-        checksums = {name: sha256_file(tmp / name) for name in FILES}
+        names = FILES
+        if codecs is None:
+            save_model(model, str(tmp / "model.safetensors"))  # stores tied weights once
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta))
+        else:
+            _write_encrypted(tmp, codecs.new(), model, tensors, meta)
+            names = (*FILES, ENCRYPTION_FILE)
+        checksums = {name: sha256_file(tmp / name) for name in names}
         (tmp / "checksums.json").write_text(json.dumps(checksums, indent=1))
         fsync_tree(tmp)
         if final.exists():  # a redo of the same step after a resume: replace it
@@ -101,19 +138,40 @@ def verify_checkpoint(path: Path) -> None:
         checksums = json.loads((path / "checksums.json").read_text())
     except (OSError, ValueError):
         raise IntegrityError(f"checkpoint {path}: checksums.json is missing or damaged") from None
-    for name in FILES:
+    encrypted = (path / ENCRYPTION_FILE).exists() or ENCRYPTION_FILE in checksums
+    for name in (*FILES, ENCRYPTION_FILE) if encrypted else FILES:
         if not (path / name).is_file():
             raise IntegrityError(f"checkpoint {path}: {name} is missing")
         if sha256_file(path / name) != checksums.get(name):
             raise IntegrityError(f"checkpoint {path}: {name} does not match its checksum (altered)")
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    codecs: CheckpointCodecs | None = None,
+) -> TrainState:
     """Restore model, optimizer and RNG in place from a verified checkpoint; return the train state."""
     verify_checkpoint(path)
-    load_model(model, str(path / "model.safetensors"))
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    encrypted = (path / ENCRYPTION_FILE).is_file()
+    if encrypted and codecs is None:
+        raise SecurityError(f"checkpoint {path} is encrypted; this run has no key to read it")
+    if codecs is not None and not encrypted:
+        raise IntegrityError(f"checkpoint {path} is not encrypted, but this run encrypts at rest")
+    if codecs is None:
+        load_model(model, str(path / "model.safetensors"))
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    else:
+        codec = codecs.reader(json.loads((path / ENCRYPTION_FILE).read_text()), f"checkpoint {path}")
+
+        def read(name: str) -> bytes:
+            return read_all(codec.open_read(path / name, name))
+
+        _load_model_bytes(model, read("model.safetensors"), path)
+        meta = json.loads(read("state.json"))
+        tensors = load_safetensors(read("optimizer.safetensors"))
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
@@ -122,3 +180,48 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     torch.set_rng_state(torch.tensor(meta["rng_torch"], dtype=torch.uint8))
     train = meta["train"]
     return TrainState(train["step"], train["sample"], train["tokens"], train.get("extra") or None)
+
+
+# -- encrypted checkpoints: the same safetensors/JSON payloads, written and read as bytes ----------
+
+
+def _write_encrypted(
+    tmp: Path, codec: Codec, model: torch.nn.Module, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    payloads = {
+        "model.safetensors": save_safetensors(_unaliased_state(model)),
+        "optimizer.safetensors": save_safetensors(tensors),
+        "state.json": json.dumps(meta).encode("utf-8"),
+    }
+    for name, data in payloads.items():
+        with codec.open_write(tmp / name, name) as handle:
+            handle.write(data)
+    (tmp / ENCRYPTION_FILE).write_text(json.dumps(codec.header()))
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """name -> first name sharing the same storage view (tied weights), as `save_model` drops them."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, value in state.items():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.stride())
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def _unaliased_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    dropped = _aliases(state)
+    return {k: v.detach().contiguous() for k, v in state.items() if k not in dropped}
+
+
+def _load_model_bytes(model: torch.nn.Module, data: bytes, path: Path) -> None:
+    missing, unexpected = model.load_state_dict(load_safetensors(data), strict=False)
+    if unexpected or set(missing) - _aliases(model.state_dict()).keys():
+        raise IntegrityError(
+            f"checkpoint {path}: model.safetensors does not fit the model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )

@@ -16,6 +16,7 @@ from lmloom.stages import Stage
 from lmloom.tokenizers.bpe import TOKENIZER_FILES
 from lmloom.tokenizers.loader import WindowLoader, validation_batches
 from lmloom.tokenizers.shards import TokenShards
+from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.optim import build_optimizer
 from lmloom.train.trainer import LoopConfig, train_loop
 
@@ -73,6 +74,8 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         return validation_batches(val, seq_len, config.batch_size, max_windows=limit)
 
     metrics = JsonlMetrics(ctx.work_dir / "metrics.jsonl")
+    # An encrypted run keeps its scratch checkpoints encrypted too (same keys as its artifacts).
+    scratch_codecs = CheckpointCodecs.from_store_security(ctx.store.security) if ctx.encrypt else None
     quiet = ctx.console.is_terminal  # the bar shows progress; log lines are for logs and CI
     with ctx.progress(config.max_steps, "pretraining") as bar:
         result = train_loop(
@@ -86,6 +89,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             metrics,
             progress=bar,
             log=(lambda _msg: None) if quiet else ctx.log,
+            checkpoint_codecs=scratch_codecs,
         )
     final_val = result.val_loss
     unigram = shards_art.manifest.metadata.get("unigram_val_nats")
@@ -139,6 +143,7 @@ PRETRAIN = Stage(
     config=PretrainConfig,
     run=run,
     inputs={"shards": "shards", "tokenizer": "tokenizer"},
+    permissions=("train",),
     summary=summary,
     description="pre-train a decoder-only transformer on token shards (resumable)",
 )

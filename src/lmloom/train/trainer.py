@@ -20,7 +20,13 @@ from pydantic import Field
 
 from lmloom.config import StrictConfig
 from lmloom.monitor.metrics import JsonlMetrics
-from lmloom.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from lmloom.train.checkpoint import (
+    CheckpointCodecs,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lmloom.train.optim import OptimConfig, lr_at
 
 
@@ -88,11 +94,12 @@ def train_loop(
     metrics: JsonlMetrics,
     progress=None,
     log: Callable[[str], None] = print,  # progress lines every log_every steps
+    checkpoint_codecs: CheckpointCodecs | None = None,  # set when the run encrypts at rest
 ) -> LoopResult:
     state = TrainState()
     latest = latest_checkpoint(checkpoint_dir)
     if latest is not None:
-        state = load_checkpoint(latest, model, optimizer)
+        state = load_checkpoint(latest, model, optimizer, checkpoint_codecs)
         metrics.truncate_after(state.step)
         log(f"resuming from {latest.name} (step {state.step}, sample {state.sample})")
     resumed_from = state.step
@@ -158,7 +165,9 @@ def train_loop(
             )
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
             state.extra = {"train_loss": train_loss, "val_loss": val_loss}
-            save_checkpoint(checkpoint_dir, model, optimizer, state, keep=cfg.keep_checkpoints)
+            save_checkpoint(
+                checkpoint_dir, model, optimizer, state, keep=cfg.keep_checkpoints, codecs=checkpoint_codecs
+            )
 
     seconds = time.perf_counter() - started
     tok_s = steady_tokens / (time.perf_counter() - steady_start) if steady_tokens else 0.0
