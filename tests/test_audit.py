@@ -112,3 +112,78 @@ def test_appends_continue_the_chain(log):
     entry = log.append("stage.end", "bob@host", outcome="ok")
     assert entry["seq"] == 5
     assert log.verify().ok and log.verify().entries == 6
+
+
+# -- signed head checkpoints ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signed_store(tmp_path, monkeypatch):
+    from lmloom.security.signing import SigningKey, default_key_path
+    from lmloom.security.trust import TrustStore, default_trust_dir
+
+    for var in ("LMLOOM_SIGNING_KEY", "LMLOOM_TRUST_DIR", "LMLOOM_REQUIRE_SIGNATURES"):
+        monkeypatch.delenv(var, raising=False)
+    key = SigningKey.generate("ecdsa-p256")
+    key.save(default_key_path(tmp_path))
+    TrustStore(default_trust_dir(tmp_path)).add("local", key.public)
+    return tmp_path
+
+
+def signed_log(root):
+    from lmloom.security.context import store_audit_log
+
+    log = store_audit_log(root)
+    for i in range(6):
+        log.append("stage.end", "alice@host", step=f"s{i}", outcome="ok")
+    return log
+
+
+def rewrite_head_to(log, n):
+    """What an attacker without the signing key can do: cut the log to n entries and fix the head."""
+    kept = lines(log)[:n]
+    write(log, kept)
+    last = json.loads(kept[-1])
+    log.head_path.write_text(json.dumps({"seq": last["seq"], "hash": last["hash"]}))
+
+
+def test_signed_checkpoint_follows_every_append(signed_store):
+    log = signed_log(signed_store)
+    assert log.signed_head_path.exists() and log.signed_through() == 5
+    assert log.verify().ok
+
+
+def test_truncation_with_a_rewritten_head_is_caught_by_the_signed_checkpoint(signed_store):
+    log = signed_log(signed_store)
+    rewrite_head_to(log, 4)
+    problem = log.verify().problem
+    assert problem is not None and "signed checkpoint vouches for entries up to 5" in problem.reason
+
+
+def test_removed_or_altered_or_untrusted_checkpoint_is_refused(signed_store):
+    from lmloom.security.trust import TrustStore, default_trust_dir
+
+    log = signed_log(signed_store)
+    signed = json.loads(log.signed_head_path.read_text())
+    forged = dict(signed, seq=3, hash=json.loads(lines(log)[3])["hash"])
+    log.signed_head_path.write_text(json.dumps(forged))
+    assert "does not verify" in str(log.verify().problem)
+
+    log.signed_head_path.unlink()
+    assert "signed head checkpoint audit.head.sig.json is missing" in str(log.verify().problem)
+
+    log.append("stage.end", "alice@host")  # re-signed by the store key
+    assert log.verify().ok
+    TrustStore(default_trust_dir(signed_store)).remove("local")
+    from lmloom.security.context import store_audit_log
+
+    assert "not in the trust store" in str(store_audit_log(signed_store).verify().problem)
+
+
+def test_without_a_signing_key_the_log_is_chained_but_unsigned(tmp_path, monkeypatch):
+    monkeypatch.delenv("LMLOOM_SIGNING_KEY", raising=False)
+    from lmloom.security.context import store_audit_log
+
+    log = store_audit_log(tmp_path)
+    log.append("stage.start", "bob@host")
+    assert log.verify().ok and not log.signed_head_path.exists()

@@ -14,6 +14,7 @@ from rich.console import Console
 from lmloom.artifacts.store import ArtifactStore
 from lmloom.monitor.progress import progress_bar
 from lmloom.security.audit import AuditLog
+from lmloom.security.context import store_audit_log
 from lmloom.security.policy import Access, resolve_access
 
 
@@ -33,7 +34,7 @@ class RunContext:
 
     @property
     def audit(self) -> AuditLog:
-        return AuditLog(self.store.root / "audit.jsonl")
+        return store_audit_log(self.store.root)
 
     def for_stage(self, step: str, stage_key: str, encrypt: bool = False) -> StageContext:
         work_dir = self.store.work_dir(stage_key)

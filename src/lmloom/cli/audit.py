@@ -18,21 +18,27 @@ app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_
 
 
 def _audit():
-    from lmloom.security.audit import AuditLog
+    from lmloom.security.context import store_audit_log
 
-    return AuditLog(open_store().root / "audit.jsonl")
+    return store_audit_log(open_store().root)
 
 
 @app.command("verify")
 @requires("read-audit")
 def audit_verify() -> None:
-    """Check the hash chain of the whole audit log; exit 3 naming the first bad entry."""
+    """Check the hash chain, the head and the signed head checkpoint; exit 3 naming the first bad entry."""
     log = _audit()
     report = log.verify()
     if not report.ok:
         err.print(f"[red]audit log FAILED[/red] {log.path}: {report.problem}", highlight=False)
         raise typer.Exit(IntegrityError.exit_code)
-    out.print(f"[green]audit log ok[/green]: {report.entries} entries, chain and head intact ({log.path})")
+    signed = log.signed_through()
+    signature = (
+        f"; signed checkpoint through entry {signed}" if signed is not None else "; no signed checkpoint"
+    )
+    out.print(
+        f"[green]audit log ok[/green]: {report.entries} entries, chain and head intact{signature} ({log.path})"
+    )
 
 
 @app.command("show")

@@ -25,9 +25,9 @@ MANAGE_KEYS = "manage-keys"
 
 
 def _audit(event: str, **fields) -> None:
-    from lmloom.security.audit import AuditLog
+    from lmloom.security.context import store_audit_log
 
-    AuditLog(store_root() / "audit.jsonl").append(event, current_access().principal, **fields)
+    store_audit_log(store_root()).append(event, current_access().principal, **fields)
 
 
 def _outside_store(path: Path) -> Path:

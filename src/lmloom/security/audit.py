@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lmloom.artifacts.atomic import write_text_atomic
 from lmloom.artifacts.hashing import canonical_json, sha256_bytes
@@ -50,11 +50,37 @@ class AuditReport:
         return self.problem is None
 
 
+class HeadSigner(Protocol):
+    """Signs the chain head; in lmloom, the store's artifact-signing key (see security.context)."""
+
+    def sign_head(self, payload: bytes) -> dict[str, Any] | None:
+        """A JSON-able signature record over `payload`, or None when the key is not usable by this
+        process (the next append by someone who can use it brings the checkpoint up to date)."""
+
+
+class HeadVerifier(Protocol):
+    required: bool  # a signed checkpoint must exist once the log has entries
+
+    def check_head(self, payload: bytes, record: dict[str, Any]) -> str | None:
+        """None when `record` is a valid signature over `payload` by a trusted key, else why not."""
+
+
+def head_payload(seq: int, entry_hash_: str) -> bytes:
+    return canonical_json({"log": "lmloom.audit.head/v1", "seq": seq, "hash": entry_hash_})
+
+
 class AuditLog:
-    def __init__(self, path: Path):
+    """The hash-chained log. With a `signer`, every append also writes a signed checkpoint of the head
+    (`audit.head.sig.json`), so cutting entries off the end and rewriting the unsigned head file is
+    detectable down to the last signed entry; a `verifier` checks that checkpoint."""
+
+    def __init__(self, path: Path, signer: HeadSigner | None = None, verifier: HeadVerifier | None = None):
         self.path = Path(path)
         self.head_path = self.path.with_suffix(".head.json")
+        self.signed_head_path = self.path.with_suffix(".head.sig.json")
         self.lock_path = self.path.with_suffix(".lock")
+        self.signer = signer
+        self.verifier = verifier
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -88,6 +114,10 @@ class AuditLog:
             finally:
                 os.close(fd)
             write_text_atomic(self.head_path, json.dumps({"seq": entry["seq"], "hash": entry["hash"]}))
+            record = self.signer.sign_head(head_payload(entry["seq"], entry["hash"])) if self.signer else None
+            if record is not None:
+                signed = {"seq": entry["seq"], "hash": entry["hash"], "signature": record}
+                write_text_atomic(self.signed_head_path, json.dumps(signed))
             return entry
 
     def _tail(self) -> tuple[int, str]:
@@ -119,18 +149,50 @@ class AuditLog:
                     yield json.loads(line)
 
     def verify(self) -> AuditReport:
-        count = 0
-        expected_prev, expected_seq = GENESIS, 0
+        hashes: list[str] = []  # of every entry, to check the signed checkpoint against
+        expected_prev = GENESIS
         if self.path.exists():
             with open(self.path, "rb") as handle:
                 for line_no, raw in enumerate(handle, start=1):
-                    problem = _check_line(raw, line_no, expected_seq, expected_prev)
+                    problem = _check_line(raw, line_no, len(hashes), expected_prev)
                     if problem:
-                        return AuditReport(count, problem)
-                    entry = json.loads(raw)
-                    expected_prev, expected_seq = entry["hash"], expected_seq + 1
-                    count += 1
-        return AuditReport(count, self._check_head(count, expected_prev))
+                        return AuditReport(len(hashes), problem)
+                    expected_prev = json.loads(raw)["hash"]
+                    hashes.append(expected_prev)
+        problem = self._check_head(len(hashes), expected_prev) or self._check_signed_head(hashes)
+        return AuditReport(len(hashes), problem)
+
+    def signed_through(self) -> int | None:
+        """The sequence number of the last signed checkpoint, if any (unverified)."""
+        try:
+            return int(json.loads(self.signed_head_path.read_text())["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _check_signed_head(self, hashes: list[str]) -> AuditProblem | None:
+        name = self.signed_head_path.name
+        if not self.signed_head_path.exists():
+            if self.verifier is not None and self.verifier.required and hashes:
+                return AuditProblem(0, None, f"signed head checkpoint {name} is missing (removed?)")
+            return None
+        try:
+            signed = json.loads(self.signed_head_path.read_text())
+            seq, hash_, record = int(signed["seq"]), str(signed["hash"]), dict(signed["signature"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return AuditProblem(0, None, f"signed head checkpoint {name} is damaged")
+        if self.verifier is not None:
+            reason = self.verifier.check_head(head_payload(seq, hash_), record)
+            if reason:
+                return AuditProblem(0, None, f"signed head checkpoint {name}: {reason}")
+        if seq >= len(hashes):
+            return AuditProblem(
+                len(hashes) + 1,
+                len(hashes),
+                f"missing: a signed checkpoint vouches for entries up to {seq} (log truncated)",
+            )
+        if hashes[seq] != hash_:
+            return AuditProblem(seq + 1, seq, "differs from the entry the signed head checkpoint vouches for")
+        return None
 
     def _check_head(self, count: int, last_hash: str) -> AuditProblem | None:
         if not self.head_path.exists():

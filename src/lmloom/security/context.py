@@ -7,18 +7,63 @@ access policy apply. Every artifact write and read then passes through these hoo
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import cached_property
 from pathlib import Path
 
 from lmloom.artifacts.files import PLAIN, Codec
 from lmloom.artifacts.manifest import Manifest
 from lmloom.artifacts.store import Artifact, StoreSecurity
-from lmloom.errors import IntegrityError, LmloomError
+from lmloom.errors import IntegrityError, LmloomError, SecurityError
 from lmloom.security.audit import AuditLog
 from lmloom.security.encryption import ChunkedAesGcmCodec, chunk_size_from_env
 from lmloom.security.identity import current_principal
 from lmloom.security.keyring import StoreKeys
-from lmloom.security.signing import ArtifactSigning
+from lmloom.security.signing import ArtifactSigning, verify_classical
+
+
+class HeadSignature:
+    """Signs audit head checkpoints with the store's artifact-signing key; checks them against the
+    trust store. (Classical part only: the head is re-signed at every append, so a future break of
+    ECDSA would need a fresh forgery per checkpoint; artifacts carry the hybrid signatures.)"""
+
+    def __init__(self, signing: ArtifactSigning):
+        self.signing = signing
+
+    @property
+    def required(self) -> bool:
+        # A store with a signing key signs every append, so a missing checkpoint means it was removed.
+        return self.signing.required or self.signing.key_path.exists()
+
+    def sign_head(self, payload: bytes) -> dict | None:
+        try:
+            key = self.signing.key()
+        except SecurityError:  # e.g. the key file is not readable by this user
+            return None
+        if key is None:
+            return None
+        signature = base64.b64encode(key.sign_classical(payload)).decode("ascii")
+        return {"key": key.public.hint, "algorithm": key.public.algorithm_name, "signature": signature}
+
+    def check_head(self, payload: bytes, record: dict) -> str | None:
+        hint = str(record.get("key", ""))
+        signer = self.signing.trust.by_hint(hint)
+        if signer is None:
+            return f"signed by key {hint[:16] or '?'}, which is not in the trust store"
+        try:
+            signature = base64.b64decode(str(record.get("signature", "")), validate=True)
+        except binascii.Error:
+            return "the signature is not valid base64 (altered)"
+        if not verify_classical(signer.keys, signature, payload):
+            return f"the signature by {signer.name!r} does not verify (the checkpoint was altered)"
+        return None
+
+
+def store_audit_log(root: Path) -> AuditLog:
+    """The store's audit log, signing head checkpoints when the store has a signing key."""
+    head = HeadSignature(ArtifactSigning.for_store(root))
+    return AuditLog(Path(root) / "audit.jsonl", signer=head, verifier=head)
 
 
 class LmloomSecurity(StoreSecurity):
@@ -27,7 +72,7 @@ class LmloomSecurity(StoreSecurity):
     def __init__(self, root: Path, principal: str | None = None):
         self.root = Path(root)
         self.principal = principal or current_principal()
-        self.audit = AuditLog(self.root / "audit.jsonl")
+        self.audit = store_audit_log(self.root)
 
     def on_refusal(self, ref: str, error: LmloomError) -> None:
         try:

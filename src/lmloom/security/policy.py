@@ -331,7 +331,9 @@ def resolve_access(
     library user, a test): a label in single-user mode; under a policy it is refused unless it is the
     principal the policy identifies anyway, as is `$LMLOOM_PRINCIPAL`.
     """
-    audit = AuditLog(Path(store_root) / "audit.jsonl")
+    from lmloom.security.context import store_audit_log  # signs head checkpoints when it can
+
+    audit = store_audit_log(Path(store_root))
     token = token or os.environ.get(ENV_TOKEN) or None
     path = policy_path(store_root)
     if path is None:

@@ -318,7 +318,7 @@ def _check_bundle(path: Path, rel: str, trust: TrustStore, expected: dict[str, s
         if signer is None:
             return SignatureCheck(rel, key_id, UNTRUSTED, reason="key not in the trust store")
         key_id = signer.keys.key_id
-        if not _classical_ok(signer.keys, sig, pae(payload)):
+        if not verify_classical(signer.keys, sig, pae(payload)):
             raise _Bad(f"does not verify with {signer.name}'s {signer.keys.algorithm} key")
         _check_statement(payload, expected)
         if signer.keys.pq is not None:
@@ -350,10 +350,10 @@ def _signer_for(trust: TrustStore, hint: str | None, payload: bytes, sig: bytes)
     if hint:
         return trust.by_hint(hint)
     # A bundle without a key hint (older model-signing): whichever trusted key verifies it.
-    return next((s for s in trust.signers() if _classical_ok(s.keys, sig, pae(payload))), None)
+    return next((s for s in trust.signers() if verify_classical(s.keys, sig, pae(payload))), None)
 
 
-def _classical_ok(keys: SignerKeys, sig: bytes, data: bytes) -> bool:
+def verify_classical(keys: SignerKeys, sig: bytes, data: bytes) -> bool:
     try:
         if isinstance(keys.classical, ed25519.Ed25519PublicKey):
             keys.classical.verify(sig, data)
