@@ -14,7 +14,7 @@ from lmloom.errors import SecurityError
 
 app = typer.Typer(
     help=(
-        "Encryption keys: data keys (DEKs) in <store>/security/keyring.json, wrapped by a key-encryption "
+        "Encryption keys: data keys (DEKs) in STORE/security/keyring.json, wrapped by a key-encryption "
         "key (KEK) that never enters the store: $LMLOOM_KEK (base64 of 32 bytes), $LMLOOM_KEK_FILE "
         "(a file with mode 0600) or $LMLOOM_KEK_PROVIDER (module:Class, e.g. a KMS)."
     ),

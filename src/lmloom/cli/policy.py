@@ -75,7 +75,7 @@ def policy_init(
         str | None, typer.Option(help="The principal that becomes admin [default: your OS user, any host].")
     ] = None,
     file: Annotated[
-        Path | None, typer.Option(help="Where to write it [default: <store>/security/policy.yaml].")
+        Path | None, typer.Option(help="Where to write it [default: STORE/security/policy.yaml].")
     ] = None,
 ) -> None:
     """Write a starter policy that makes one principal admin; single-user mode ends with it."""
