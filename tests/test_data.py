@@ -279,7 +279,9 @@ def test_min_chars_drops_short_documents_with_a_reason():
     step = MinChars(5)
     dropped = []
     out = list(
-        step.run([doc("four"), doc("   abcd   "), doc("long enough")], lambda d, s, r: dropped.append(r))
+        step.run(
+            [doc("four"), doc("   abcd   "), doc("long enough")], lambda d, s, r: dropped.append(r.reason)
+        )
     )
     assert [d.text for d in out] == ["long enough"]
     assert step.stats.removed == {"short": 2} and dropped == ["short", "short"]
@@ -373,7 +375,7 @@ def test_stage_end_to_end_writes_corpus_and_reuses_it(tmp_path, corpus_dir):
     assert (
         set(artifact.manifest.files)
         == set(FILES)
-        == {"train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", "sources.jsonl"}
+        == {"train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", "edited.jsonl", "sources.jsonl"}
     )
 
     train, val = read_jsonl(artifact.file("train.jsonl")), read_jsonl(artifact.file("val.jsonl"))
@@ -402,9 +404,9 @@ def test_stage_end_to_end_writes_corpus_and_reuses_it(tmp_path, corpus_dir):
         ]
     )
     removed = read_jsonl(artifact.file("removed.jsonl"))
-    assert sorted((r["id"], r["reason"]) for r in removed) == [
-        ("dup.txt", "duplicate"),
-        ("short.txt", "short"),
+    assert sorted((r["id"], r["reason"], r["text"]) for r in removed) == [
+        ("dup.txt", "duplicate", "Document 3 says something long enough to keep.\n"),
+        ("short.txt", "short", "tiny"),
     ]
 
     meta = artifact.manifest.metadata
@@ -472,7 +474,7 @@ def test_config_errors_name_the_key():
         plan(recipe({"min_char": 3}))
     with pytest.raises(
         ConfigError,
-        match=r"stages\.corpus\.config\.sources\.0\.patern: unknown key .*allowed: digest, kind, name, path, patterns, pins, type",
+        match=r"stages\.corpus\.config\.sources\.0\.patern: unknown key .*allowed: digest, kind, name, path, patterns, pins, sensitive, storage_options, type",
     ):
         plan(recipe({"sources": [{"type": "text-dir", "path": "x", "patern": ["*.txt"]}]}))
     with pytest.raises(ConfigError, match=r"sources\.0.*'csv'.*python-stdlib.*text-dir.*jsonl"):

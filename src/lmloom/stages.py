@@ -42,6 +42,7 @@ class Stage:
 # Imported lazily so `lmloom audit verify` does not pay for importing torch.
 _REGISTRY = {
     "data.prepare": "lmloom.data.stage:PREPARE",
+    "data.score": "lmloom.data.lm_score:SCORE",
     "tokenizer.train": "lmloom.tokenizers.stage:TRAIN",
     "tokenizer.encode": "lmloom.tokenizers.stage:ENCODE",
     "train.pretrain": "lmloom.train.stage:PRETRAIN",

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from lmloom import __version__
-from lmloom.cli import artifacts, audit, generate, keys, policy, run, signing
+from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
 from lmloom.cli.common import State, err, out
 from lmloom.errors import LmloomError
 
@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(audit.app, name="audit")
+app.add_typer(data.app, name="data")
 app.add_typer(keys.app, name="keys")
 app.add_typer(policy.app, name="policy")
 app.add_typer(signing.signing_app, name="signing")

@@ -22,6 +22,12 @@ NOT_AN_OBJECT = "not-an-object"
 MISSING_FIELD = "missing-field"
 FIELD_NOT_STRING = "field-not-string"
 UNREADABLE_FILE = "unreadable-file"  # e.g. a truncated .gz: the rest of that file is lost, not the run
+BINARY_FILE = "binary-file"  # NUL bytes or mostly undecodable: not text at all (vs. invalid-utf8)
+RECORD_TOO_LARGE = "record-too-large"  # a line/record over the source's max_record_bytes, skipped unread
+FILE_TOO_LARGE = "file-too-large"  # a file that must be parsed whole (JSON, a book) over its size cap
+NO_MAIN_TEXT = "no-main-text"  # an HTML page (file or WARC record) without extractable main text
+INVALID_CONVERSATION = "invalid-conversation"  # no messages list, or a turn without role/content
+UNKNOWN_ROLE = "unknown-role"  # a turn whose role the conversation source does not allow
 
 EXCERPT_CHARS = 120
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, BinaryIO
@@ -71,7 +72,7 @@ class FileRecord:
     source_index: int
     source: str
     type: str
-    path: str  # absolute, as read
+    path: str  # absolute, as read (a URL such as s3://bucket/key for a remote file)
     relpath: str  # relative to the source's root: what pins and the source digest name
     size: int | None = None  # bytes read; None until read, or when the file could not be read
     sha256: str | None = None
@@ -119,7 +120,7 @@ class SourceLedger:
         self.source, self.type, self.index = source, type, index
         self.pins = dict(pins or {})
         self.pinned_digest = digest
-        self.root: Path | None = None
+        self.root: Path | str | None = None
         self.files: list[FileRecord] = []
 
     @classmethod
@@ -127,15 +128,19 @@ class SourceLedger:
         """The ledger of a source config (any with `label`, `type`, `pinned_files()` and `digest`)."""
         return cls(cfg.label, cfg.type, cfg.pinned_files(), cfg.digest, index)
 
-    def expect(self, root: Path, relpaths: list[str]) -> None:
-        """Before reading: every pinned file must exist and be among the files the source reads."""
+    def expect(
+        self, root: Path | str, relpaths: list[str], exists: Callable[[str], bool] | None = None
+    ) -> None:
+        """Before reading: every pinned file must exist and be among the files the source reads.
+
+        `root` is a local directory or a URL (then `exists(relpath)` says whether a file is there)."""
         self.root = root
         readable = set(relpaths)
         for rel, sha256 in sorted(self.pins.items()):
             if rel in readable:
                 continue
-            path = root / rel
-            if not path.exists():
+            path = join_location(root, rel)
+            if not (exists(rel) if exists is not None else Path(path).exists()):
                 raise IntegrityError(
                     f"{self.source}: pinned file {path} is missing (expected sha256 {sha256})"
                 )
@@ -144,8 +149,8 @@ class SourceLedger:
                 f"(check its patterns; hidden files are skipped)"
             )
 
-    def start(self, path: Path, relpath: str) -> FileRecord:
-        record = FileRecord(self.index, self.source, self.type, str(Path(path).absolute()), relpath)
+    def start(self, path: Path | str, relpath: str) -> FileRecord:
+        record = FileRecord(self.index, self.source, self.type, absolute_location(path), relpath)
         self.files.append(record)
         return record
 
@@ -166,13 +171,13 @@ class SourceLedger:
                 f"actual {sha256}); the source changed since it was pinned"
             )
 
-    def read_bytes(self, path: Path, relpath: str, data: bytes) -> FileRecord:
+    def read_bytes(self, path: Path | str, relpath: str, data: bytes) -> FileRecord:
         """Record (and check) a file read whole."""
         record = self.start(path, relpath)
         self.finish_file(record, hashlib.sha256(data).hexdigest(), len(data))
         return record
 
-    def unreadable(self, path: Path, relpath: str, exc: BaseException) -> FileRecord:
+    def unreadable(self, path: Path | str, relpath: str, exc: BaseException) -> FileRecord:
         record = self.start(path, relpath)
         self.finish_file(record, None, None, f"{type(exc).__name__}: {exc}")
         return record
@@ -185,7 +190,7 @@ class SourceLedger:
         read = {f.relpath for f in self.files}
         for rel, sha256 in sorted(self.pins.items()):
             if rel not in read:
-                where = self.root / rel if self.root else rel
+                where = join_location(self.root, rel) if self.root else rel
                 raise IntegrityError(
                     f"{self.source}: pinned file {where} was not read (left out by a size cap, or missing); "
                     f"expected sha256 {sha256}"
@@ -196,6 +201,22 @@ class SourceLedger:
                 f"pinned digest (expected {self.pinned_digest}, actual {self.digest}); a file was added, "
                 f"removed, renamed or changed since it was pinned (pin single files with `pins` to see which)"
             )
+
+
+def is_url(location: Path | str) -> bool:
+    """A location such as s3://bucket/key or memory://x rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def absolute_location(location: Path | str) -> str:
+    """A local path made absolute; a URL as it is."""
+    return str(location) if is_url(location) else str(Path(location).absolute())
+
+
+def join_location(root: Path | str, relpath: str) -> str:
+    if is_url(root):
+        return f"{str(root).rstrip('/')}/{relpath}"
+    return str(Path(root) / relpath)
 
 
 class HashingReader(io.RawIOBase):
@@ -212,7 +233,12 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        n = self._raw.readinto(buffer)
+        if hasattr(self._raw, "readinto"):
+            n = self._raw.readinto(buffer)
+        else:  # a file-like object that only offers read()
+            data = self._raw.read(len(buffer))
+            n = len(data)
+            buffer[:n] = data
         if n:
             with memoryview(buffer) as view:
                 self._digest.update(view[:n])

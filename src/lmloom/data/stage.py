@@ -5,7 +5,10 @@ The corpus artifact holds
     train.jsonl     one {"id", "text", "kind", "source", "meta"} object per line
     val.jsonl       the same, for the validation split (see lmloom.data.split)
     rejects.jsonl   every record a source could not read: {"source", "location", "reason", "excerpt", "detail"}
-    removed.jsonl   every document a cleaning step dropped: {"id", "source", "step", "reason"}
+    removed.jsonl   every document a step dropped: {"id", "source", "step", "reason", "detail", "text"}
+                    ("text" only when `record_text` is on and the source is not marked sensitive)
+    edited.jsonl    every document a step rewrote: {"id", "source", "step", "reason", "detail"} (never
+                    the text before the edit: a redaction must not survive in its own audit trail)
     sources.jsonl   every file the sources read, with the sha256 and size of the bytes read and what
                     became of its documents (format: lmloom.artifacts.lineage; see data.provenance)
 
@@ -29,15 +32,20 @@ from lmloom.artifacts.store import Artifact, ArtifactWriter
 from lmloom.config import StrictConfig
 from lmloom.context import StageContext
 from lmloom.data.documents import Document, JsonlWriter, Reject, utf8_len
+from lmloom.data.executor import ExecutorConfig, execute
+from lmloom.data.mixture import MixtureConfig
 from lmloom.data.provenance import FileRecord, SourceLedger
 from lmloom.data.sources import SourceConfig, read_source, source_fingerprint
 from lmloom.data.split import SplitWriter
+from lmloom.data.spool import DocumentSpool
 from lmloom.data.stdlib_corpus import StdlibSource
-from lmloom.data.steps import NormalForm, Step, build_steps, run_steps
+from lmloom.data.step_registry import StepSpec, build_chain
+from lmloom.data.steps import Drop, Edit, NormalForm, Step
+from lmloom.data.whole_corpus import PoisoningConfig, WholeCorpusPass
 from lmloom.errors import DataError
 from lmloom.stages import Stage
 
-FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", SOURCES_FILE)
+FILES = ("train.jsonl", "val.jsonl", "rejects.jsonl", "removed.jsonl", "edited.jsonl", SOURCES_FILE)
 _PROGRESS_EVERY = 64
 
 
@@ -46,11 +54,27 @@ class PrepareConfig(StrictConfig):
     normalize: NormalForm = "NFC"
     min_chars: int = Field(32, ge=0)  # shorter documents (ignoring surrounding whitespace) are dropped
     dedup: bool = True  # drop exact duplicates of an earlier document's text
+    steps: list[StepSpec] = Field(  # type: ignore[valid-type]
+        default_factory=list,
+        description="filters, redaction, language id, near dedup...: see `lmloom data steps`",
+    )
     val_fraction: float = Field(0.02, ge=0.0, le=0.5)
+    record_text: bool = Field(
+        True, description="keep a removed document's text in removed.jsonl (never for sensitive sources)"
+    )
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    poisoning: PoisoningConfig | None = Field(
+        None, description="scan the cleaned corpus for backdoor triggers and injected spans: {remove: true}"
+    )
+    mixture: MixtureConfig | None = Field(
+        None,
+        description="weighted sampling across sources or kinds, e.g. {by: kind, weights: {prose: 7, code: 3}}",
+    )
 
 
 def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, out: ArtifactWriter) -> None:
-    steps = build_steps(config.normalize, config.min_chars, config.dedup)
+    steps = build_chain(config.steps, config.normalize, config.min_chars, config.dedup)
+    sensitive = {source.label for source in config.sources if getattr(source, "sensitive", False)}
     sources: list[dict[str, Any]] = []
     files: list[FileRecord] = []
     rejected: Counter[str] = Counter()
@@ -60,6 +84,7 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
         JsonlWriter(out.open("val.jsonl")) as val,
         JsonlWriter(out.open("rejects.jsonl")) as rejects,
         JsonlWriter(out.open("removed.jsonl")) as removed,
+        JsonlWriter(out.open("edited.jsonl")) as edited,
         ctx.progress(None, "reading and cleaning documents") as bar,
     ):
         splitter = SplitWriter(
@@ -71,17 +96,33 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
             rejects.write(reject.to_json())
             rejected[reject.reason] += 1
 
-        def on_drop(doc: Document, step: str, reason: str) -> None:
-            removed.write({"id": doc.id, "source": doc.source, "step": step, "reason": reason})
+        def on_drop(doc: Document, step: str, drop: Drop) -> None:
+            record = {"id": doc.id, "source": doc.source, "step": step, "reason": drop.reason}
+            if drop.detail:
+                record["detail"] = drop.detail
+            if config.record_text and doc.source not in sensitive:
+                record["text"] = doc.text
+            removed.write(record)
             if doc.origin is not None:
                 doc.origin.removed += 1
+
+        def on_edit(doc: Document, step: str, edit: Edit) -> None:
+            record = {"id": doc.id, "source": doc.source, "step": step, "reason": edit.reason}
+            edited.write(record | ({"detail": edit.detail} if edit.detail else {}))
 
         def on_read(count: int) -> None:
             if count % _PROGRESS_EVERY == 0:
                 bar.update(count, note=f"{splitter.written:,} kept")
 
         documents = read_documents(config.sources, sources, on_reject, on_read, files)
-        for doc in run_steps(documents, steps, on_drop):
+        survivors = execute(documents, steps, config.executor, on_drop, on_edit)
+        whole = None
+        if config.mixture is not None or config.poisoning is not None:
+            codec = ctx.store.security.write_codec(ctx.encrypt)  # scratch stays encrypted in such a run
+            spool = DocumentSpool(ctx.work_dir, codec)
+            whole = WholeCorpusPass(spool, config.mixture, config.poisoning, on_drop)
+            survivors = whole.run(survivors)
+        for doc in survivors:
             splitter.add(doc)
             if doc.origin is not None:
                 doc.origin.kept += 1
@@ -93,6 +134,11 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
             listing.write(record.to_json())
 
     meta = corpus_metadata(config, sources, steps, splitter, rejected)
+    if whole is not None:
+        meta["steps"].extend(stats.to_json() for stats in whole.stats)
+        for stats in whole.stats:
+            meta["documents"]["removed"].update(stats.removed)
+        meta.update(whole.metadata)
     meta["source_files"] = source_files_metadata(files)
     out.metadata.update(meta)
     if meta["documents"]["kept"] == 0:
@@ -251,7 +297,7 @@ PREPARE = Stage(
     config=PrepareConfig,
     run=run,
     inputs={},
-    version=2,  # 2: sources.jsonl (files read, with sha256) and source pins
+    version=3,  # 2: sources.jsonl (files read, with sha256) and source pins; 3: steps, edited.jsonl
     permissions=("read-raw-data", "write-corpus"),
     summary=summary,
     description="Read text sources, normalise, clean, deduplicate and split them into train/val JSONL.",

@@ -1,8 +1,21 @@
 """Cleaning steps: each a generator over documents that keeps, rewrites or drops each one with a reason.
 
-A step implements `apply(doc) -> Document | Drop`; `Step.run` turns that into a generator and keeps
-the step's `StepStats` (documents and bytes in and out, removals by reason, seconds spent in the step
-itself). Steps chain lazily, so a corpus streams through all of them one document at a time:
+The contract every step follows (filters, redaction, language id, dedup, ...):
+
+- A step is configured by a `StepConfig` subclass with a `type: Literal["name"]` field and typed,
+  documented thresholds; `config.build()` returns the `Step`. Recipes list steps by `type`.
+- A step implements `apply(doc) -> Document | Edit | Drop`: the document unchanged, rewritten (an
+  `Edit` says why, e.g. "pii.email"), or dropped (`Drop` with a short stable reason such as
+  "gopher_quality.word_count" and an optional human detail). Every drop and edit is recorded.
+- `per_document = True` (the default) promises that `apply` depends on nothing but the document and
+  the config: the executor may then run the step in worker processes in any order. A step that needs
+  the corpus so far (dedup) sets it False and runs in the main process in input order; it may move its
+  expensive pure part into `prepare(doc)`, which workers run, and receive the result in
+  `apply_prepared(doc, prepared)`.
+
+`Step.run` turns `apply` into a generator and keeps the step's `StepStats` (documents and bytes in
+and out, removals by reason, seconds spent in the step itself). Steps chain lazily, so a corpus
+streams through all of them one document at a time:
 
     docs = source_documents
     for step in steps:
@@ -20,7 +33,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from lmloom.data.documents import Document, utf8_len
+from pydantic import Field
+
+from lmloom.config import StrictConfig
+from lmloom.data.documents import Document, Kind, utf8_len
 
 NormalForm = Literal["NFC", "NFKC", "none"]
 
@@ -30,9 +46,22 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 @dataclass(frozen=True, slots=True)
 class Drop:
-    """What `Step.apply` returns to remove a document; the reason is counted and recorded."""
+    """What `Step.apply` returns to remove a document; the reason is counted and recorded.
+
+    `reason` is a short stable identifier ("c4.javascript"); `detail` says what was measured
+    ("3 of 40 lines mention javascript"), for the steward reading the rejects."""
 
     reason: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """What `Step.apply` returns for a document it rewrote, with why ("pii.email")."""
+
+    document: Document
+    reason: str
+    detail: str = ""
 
 
 @dataclass
@@ -59,39 +88,104 @@ class StepStats:
         }
 
 
-OnDrop = Callable[[Document, str, str], None]  # (document, step name, reason)
+OnDrop = Callable[[Document, str, Drop], None]  # (document, step name, the drop)
+OnEdit = Callable[[Document, str, Edit], None]  # (the edited document, step name, the edit)
 
 
 class Step:
     name: ClassVar[str]
+    per_document: ClassVar[bool] = True  # see the module docstring: may run in workers, in any order
+
+    # Document kinds the step applies to (None: all); others pass through untouched and uncounted.
+    # Set from the step config's `kinds` (e.g. web-quality rules on prose, never on code).
+    kinds: frozenset[str] | None = None
 
     def __init__(self) -> None:
         self.stats = StepStats(self.name)
 
-    def apply(self, doc: Document) -> Document | Drop:
+    def apply(self, doc: Document) -> Document | Edit | Drop:
+        if not self.per_document:  # a global step that split its work into prepare + apply_prepared
+            return self.apply_prepared(doc, self.prepare(doc))
         raise NotImplementedError
 
-    def run(self, docs: Iterable[Document], on_drop: OnDrop | None = None) -> Iterator[Document]:
-        stats, clock = self.stats, time.perf_counter
+    def prepare(self, doc: Document) -> Any:
+        """The pure, expensive part of a `per_document = False` step (e.g. a MinHash signature)."""
+        return None
+
+    def apply_prepared(self, doc: Document, prepared: Any) -> Document | Edit | Drop:
+        raise NotImplementedError
+
+    def run(
+        self,
+        docs: Iterable[Document],
+        on_drop: OnDrop | None = None,
+        on_edit: OnEdit | None = None,
+    ) -> Iterator[Document]:
+        return self._run(docs, self.apply, on_drop, on_edit)
+
+    def run_prepared(
+        self,
+        docs: Iterable[Document],
+        prepared: Any,
+        on_drop: OnDrop | None = None,
+        on_edit: OnEdit | None = None,
+    ) -> Iterator[Document]:
+        """`run` with a `prepare` result computed elsewhere (in a worker) for these documents."""
+        return self._run(docs, lambda doc: self.apply_prepared(doc, prepared), on_drop, on_edit)
+
+    def _run(
+        self,
+        docs: Iterable[Document],
+        apply: Callable[[Document], Document | Edit | Drop],
+        on_drop: OnDrop | None,
+        on_edit: OnEdit | None,
+    ) -> Iterator[Document]:
+        stats, clock, kinds = self.stats, time.perf_counter, self.kinds
         for doc in docs:
+            if kinds is not None and doc.kind not in kinds:
+                yield doc
+                continue
             started = clock()
             size = utf8_len(doc.text)
-            result = self.apply(doc)
+            result = apply(doc)
             stats.docs_in += 1
             stats.bytes_in += size
             if isinstance(result, Drop):
                 stats.removed[result.reason] += 1
                 stats.seconds += clock() - started
                 if on_drop:
-                    on_drop(doc, self.name, result.reason)
+                    on_drop(doc, self.name, result)
                 continue
+            edit = result if isinstance(result, Edit) else None
+            if edit is not None:
+                result = edit.document
             if result is not doc and result.text != doc.text:
                 stats.modified += 1
                 size = utf8_len(result.text)
+                if on_edit:
+                    on_edit(result, self.name, edit or Edit(result, f"{self.name}.modified"))
             stats.docs_out += 1
             stats.bytes_out += size
             stats.seconds += clock() - started
             yield result
+
+
+class StepConfig(StrictConfig):
+    """Base of every step's config: a `type` literal naming the step, typed thresholds, `build()`."""
+
+    type: str
+    kinds: list[Kind] | None = Field(
+        None, description="apply only to documents of these kinds (code, prose); others pass through"
+    )
+
+    def build(self) -> Step:
+        raise NotImplementedError
+
+    def build_step(self) -> Step:
+        """`build()` with the settings every step shares applied."""
+        step = self.build()
+        step.kinds = frozenset(self.kinds) if self.kinds is not None else None
+        return step
 
 
 class NormalizeUnicode(Step):
@@ -142,16 +236,20 @@ class ExactDedup(Step):
 
     name = "dedup"
     reason = "duplicate"
+    per_document = False  # needs every earlier document
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: set[bytes] = set()  # 32-byte digests: ~100 bytes of memory per distinct document
+        # 16 bytes of sha256 (a collision needs ~2^64 documents): ~90 bytes of memory per document
+        self._seen: set[bytes] = set()
 
-    def apply(self, doc: Document) -> Document | Drop:
-        digest = content_hash(doc.text)
-        if digest in self._seen:
+    def prepare(self, doc: Document) -> bytes:
+        return content_hash(doc.text)[:16]
+
+    def apply_prepared(self, doc: Document, prepared: bytes) -> Document | Drop:
+        if prepared in self._seen:
             return Drop(self.reason)
-        self._seen.add(digest)
+        self._seen.add(prepared)
         return doc
 
 
@@ -173,8 +271,11 @@ def build_steps(normalize: NormalForm = "NFC", min_chars: int = 0, dedup: bool =
 
 
 def run_steps(
-    docs: Iterable[Document], steps: list[Step], on_drop: OnDrop | None = None
+    docs: Iterable[Document],
+    steps: list[Step],
+    on_drop: OnDrop | None = None,
+    on_edit: OnEdit | None = None,
 ) -> Iterator[Document]:
     for step in steps:
-        docs = step.run(docs, on_drop)
+        docs = step.run(docs, on_drop, on_edit)
     return iter(docs)

@@ -6,10 +6,11 @@ from lmloom.artifacts.store import Artifact
 from lmloom.errors import LmloomError
 from lmloom.models.decoder import Decoder
 from lmloom.models.io import model_from_files
-from lmloom.tokenizers.bpe import BPETokenizer, load_tokenizer_artifact
+from lmloom.tokenizers.base import TextTokenizer
+from lmloom.tokenizers.loading import load_tokenizer
 
 
-def load_checkpoint_artifact(artifact: Artifact) -> tuple[Decoder, BPETokenizer]:
+def load_checkpoint_artifact(artifact: Artifact) -> tuple[Decoder, TextTokenizer]:
     if artifact.kind != "checkpoint":
         raise LmloomError(f"artifact {artifact.short_id} is a {artifact.kind}, not a checkpoint")
-    return model_from_files(artifact.read_bytes), load_tokenizer_artifact(artifact)
+    return model_from_files(artifact.read_bytes), load_tokenizer(artifact)

@@ -4,7 +4,7 @@ Every string round-trips exactly (`decode(encode(text)) == text`): the ByteLevel
 each UTF-8 byte to a printable symbol, the full 256-byte alphabet is always in the vocabulary, and
 there is no normaliser, no prefix space and no whitespace clean-up on decode.
 
-Special tokens have fixed ids, the first three of every vocabulary:
+Special tokens have fixed ids, the first three of every vocabulary (see `lmloom.tokenizers.base`):
 
     <|bos|> = 0    <|eos|> = 1    <|pad|> = 2
 
@@ -17,59 +17,51 @@ encoder appends EOS after every document). The saved `tokenizer_config.json` set
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmloom.artifacts.atomic import write_text_atomic
 from lmloom.errors import ConfigError, LmloomError
+from lmloom.tokenizers.base import (
+    BOS,
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    PAD,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+)
+from lmloom.tokenizers.base import HF_TOKENIZER_FILE as TOKENIZER_FILE
+from lmloom.tokenizers.hf import HFTokenizer, check_special_ids, hf_files, hf_tokenizer_from_json
+from lmloom.tokenizers.hf import hf_tokenizer_config as config_of
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in this order
-BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+# Re-exported: the special tokens and file names lived here before lmloom.tokenizers.base.
+__all__ = [
+    "BOS",
+    "BOS_ID",
+    "EOS",
+    "EOS_ID",
+    "PAD",
+    "PAD_ID",
+    "SPECIAL_TOKENS",
+    "TOKENIZER_FILE",
+    "TOKENIZER_FILES",
+    "BPETokenizer",
+    "load_tokenizer",
+    "save_tokenizer",
+    "train_bpe",
+]
+
 BYTE_ALPHABET_SIZE = 256
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE  # specials + every byte, no merges
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
 
-
-class BPETokenizer:
-    """A thin handle on a Hugging Face `Tokenizer` with the calls the rest of lmloom needs."""
-
-    bos_id, eos_id, pad_id = BOS_ID, EOS_ID, PAD_ID
-
-    def __init__(self, backend: Tokenizer):
-        self.backend = backend
-        # Special-token strings inside text are plain text (see the module docstring).
-        self.backend.encode_special_tokens = True
-        # encode_batch_fast skips offsets (about 2x faster); older `tokenizers` lack it.
-        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many texts in parallel on the Rust side."""
-        return [enc.ids for enc in self._encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        """Text of `ids`; special tokens are shown as their strings unless skipped."""
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-    def token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
-
-    def save(self, directory: Path | str) -> None:
-        save_tokenizer(self.backend, directory)
+# The byte-level BPE handle is the generic tokenizer.json handle; the name stays for existing callers.
+BPETokenizer = HFTokenizer
 
 
 def new_bpe_tokenizer() -> Tokenizer:
@@ -142,68 +134,36 @@ def train_bpe(
 
 
 def _check_special_ids(tokenizer: Tokenizer, where: str) -> None:
-    for expected, token in enumerate(SPECIAL_TOKENS):
-        found = tokenizer.token_to_id(token)
-        if found != expected:
-            raise LmloomError(f"{where}: special token {token} has id {found}, expected {expected}")
+    check_special_ids(tokenizer, where)
 
 
 def hf_tokenizer_config() -> dict:
-    """`tokenizer_config.json` for `transformers.PreTrainedTokenizerFast.from_pretrained`."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "unk_token": None,  # byte-level: every input is representable
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "split_special_tokens": True,  # "<|eos|>" in text stays text, as in BPETokenizer
-        "clean_up_tokenization_spaces": False,  # keep decode exact (" ." stays " .")
-        "padding_side": "right",
-    }
+    """`tokenizer_config.json` of a byte-level BPE tokenizer (see `lmloom.tokenizers.hf`)."""
+    return config_of("bpe")
 
 
 def tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     """The texts of `tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json`."""
-    special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-    return {
-        TOKENIZER_FILE: tokenizer.to_str(pretty=False),
-        TOKENIZER_CONFIG_FILE: json.dumps(hf_tokenizer_config(), indent=2) + "\n",
-        SPECIAL_TOKENS_MAP_FILE: json.dumps(special_map, indent=2) + "\n",
-    }
+    return hf_files(tokenizer, "bpe")
 
 
 def save_tokenizer(tokenizer: Tokenizer, directory: Path | str) -> None:
     """Write the three tokenizer files into `directory` (a layout transformers loads directly)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, text in tokenizer_files(tokenizer).items():
-        write_text_atomic(directory / name, text)
+    HFTokenizer(tokenizer).save(directory)
 
 
-def tokenizer_from_json(text: str, where: str) -> BPETokenizer:
+def tokenizer_from_json(text: str, where: str) -> HFTokenizer:
     """A tokenizer from the text of a `tokenizer.json` with our special ids; `where` names it in errors."""
-    try:
-        tokenizer = Tokenizer.from_str(text)
-    except Exception as exc:  # the Rust side raises a bare Exception for malformed files
-        raise LmloomError(f"{where}: not a valid tokenizer file ({exc})") from None
-    _check_special_ids(tokenizer, where)
-    return BPETokenizer(tokenizer)
+    return hf_tokenizer_from_json(text, where)
 
 
-def load_tokenizer(directory: Path | str) -> BPETokenizer:
-    """Load a tokenizer saved by `save_tokenizer` (or any `tokenizer.json` with our special ids)."""
+def load_tokenizer(directory: Path | str) -> HFTokenizer:
+    """Load a `tokenizer.json` with our special ids from a plain directory (not an artifact).
+
+    Artifacts are read with `lmloom.tokenizers.load_tokenizer`, which verifies and decrypts, and
+    also loads SentencePiece models.
+    """
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         raise LmloomError(f"no {TOKENIZER_FILE} in {directory}")
     return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))
-
-
-def load_tokenizer_artifact(artifact) -> BPETokenizer:
-    """The tokenizer stored in an artifact (a tokenizer or a checkpoint), read through its codec."""
-    if not artifact.has(TOKENIZER_FILE):
-        raise LmloomError(f"artifact {artifact.short_id} ({artifact.kind}) holds no {TOKENIZER_FILE}")
-    return tokenizer_from_json(
-        artifact.read_text(TOKENIZER_FILE), f"artifact {artifact.short_id}: {TOKENIZER_FILE}"
-    )

@@ -1,5 +1,11 @@
 """The tokenizer stages: `tokenizer.train` (corpus -> tokenizer) and `tokenizer.encode` (-> token shards).
 
+`tokenizer.train` learns one of five algorithms (`algorithm`: bpe, wordpiece, unigram,
+sentencepiece-bpe, sentencepiece-unigram; see `lmloom.tokenizers.base`), stores it in its native
+format and reports, in the artifact's metadata and the stage summary, its vocabulary size, bytes per
+token, unknown-token rate and the share of documents that decode back exactly
+(`lmloom.tokenizers.report`), measured on the validation split.
+
 Both read a `corpus` artifact: `train.jsonl` and `val.jsonl`, one JSON object per line with at least
 a string `text`. Documents keep their order, so document i of a shards split is record i of the
 corpus file it came from.
@@ -11,39 +17,52 @@ import itertools
 import json
 import math
 from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.artifacts.store import Artifact
 from lmloom.config import StrictConfig
 from lmloom.errors import DataError
 from lmloom.stages import Stage
-from lmloom.tokenizers.bpe import (
-    MIN_VOCAB_SIZE,
-    SPECIAL_TOKENS,
-    capped_texts,
-    load_tokenizer_artifact,
-    tokenizer_files,
-    train_bpe,
-)
+from lmloom.tokenizers.base import SPECIAL_TOKENS
+from lmloom.tokenizers.bpe import MIN_VOCAB_SIZE, capped_texts
+from lmloom.tokenizers.loading import load_tokenizer
+from lmloom.tokenizers.report import tokenizer_report
 from lmloom.tokenizers.shards import DEFAULT_MAX_TOKENS_PER_SHARD, ShardWriter
+from lmloom.tokenizers.training import train_tokenizer
 
 SPLITS = ("train", "val")
 
 
+Algorithm = Literal["bpe", "wordpiece", "unigram", "sentencepiece-bpe", "sentencepiece-unigram"]
+
+
 class TrainTokenizerConfig(StrictConfig):
+    algorithm: Algorithm = Field("bpe", description="bpe = byte-level BPE; see lmloom.tokenizers.base")
     vocab_size: int = Field(
-        8192, ge=MIN_VOCAB_SIZE, le=2**32, description="tokens incl. 3 specials + 256 bytes"
+        8192, ge=MIN_VOCAB_SIZE, le=2**32, description="tokens incl. specials (+ 256 bytes where used)"
     )
-    min_frequency: int = Field(2, ge=1, description="a pair is merged only if seen this often")
+    min_frequency: int = Field(
+        2, ge=1, description="bpe/wordpiece: a pair is merged only if seen this often (others ignore it)"
+    )
     max_train_bytes: int = Field(
         100_000_000, ge=1, description="UTF-8 bytes of train.jsonl text to learn from"
     )
     max_eval_bytes: int = Field(
-        4_000_000, ge=0, description="val.jsonl bytes used to measure bytes per token"
+        4_000_000, ge=0, description="val.jsonl bytes (train.jsonl if val is empty) for the report"
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_algorithm(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # The stage key hashes the dumped config: leaving out the default algorithm keeps the keys
+        # (and so the cached artifacts) of recipes written before `algorithm` existed.
+        data = handler(self)
+        if data.get("algorithm") == "bpe":
+            del data["algorithm"]
+        return data
 
 
 class EncodeConfig(StrictConfig):
@@ -92,59 +111,66 @@ def run_train(config: TrainTokenizerConfig, inputs, ctx, out) -> None:
     with ctx.progress(total, "reading training text", unit="B") as bar:
         records = corpus_records(corpus, "train.jsonl")
         texts = capped_texts(_advancing(records, bar), config.max_train_bytes, stats)
-        tokenizer = train_bpe(texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency)
+        tokenizer = train_tokenizer(
+            config.algorithm, texts, vocab_size=config.vocab_size, min_frequency=config.min_frequency
+        )
         bar.update(completed=total)
     if stats["bytes"] == 0:
         raise DataError(f"corpus {corpus.short_id}: train.jsonl has no text to train a tokenizer on")
-    for name, text in tokenizer_files(tokenizer.backend).items():
-        out.write_text(name, text)
+    for name, data in tokenizer.files().items():
+        out.write_bytes(name, data)
     ctx.log(
-        f"vocabulary of {tokenizer.vocab_size:,} tokens learned from {stats['bytes']:,} bytes "
-        f"({stats['documents']:,} documents)"
+        f"{tokenizer.algorithm} vocabulary of {tokenizer.vocab_size:,} tokens learned from "
+        f"{stats['bytes']:,} bytes ({stats['documents']:,} documents)"
     )
 
-    measured = _bytes_per_token(tokenizer, corpus, config.max_eval_bytes)
-    if measured["tokens"] == 0:
-        ctx.log("no val.jsonl text sampled (empty split or max_eval_bytes = 0); bytes per token not measured")
+    report = _evaluate(tokenizer, corpus, config.max_eval_bytes)
+    if report["tokens"] == 0:
+        ctx.log("no text sampled for the report (empty splits or max_eval_bytes = 0)")
     out.metadata.update(
+        algorithm=tokenizer.algorithm,
         vocab_size=tokenizer.vocab_size,
         requested_vocab_size=config.vocab_size,
         special_tokens={token: i for i, token in enumerate(SPECIAL_TOKENS)},
         bos_id=tokenizer.bos_id,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
+        unk_id=tokenizer.unk_id,
         train_bytes=stats["bytes"],
         train_documents=stats["documents"],
-        bytes_per_token=measured.pop("bytes_per_token"),
-        bytes_per_token_sample={"split": "val", **measured},
+        bytes_per_token=report.pop("bytes_per_token"),
+        unk_rate=report.pop("unk_rate"),
+        round_trip_share=report.pop("round_trip_share"),
+        bytes_per_token_sample=report,
     )
 
 
-def _bytes_per_token(tokenizer, corpus: Artifact, max_bytes: int) -> dict:
-    stats: dict[str, int] = {}
-    tokens = 0
-    texts = capped_texts((text for text, _ in corpus_records(corpus, "val.jsonl")), max_bytes, stats)
-    for batch in _batched(texts, 256):
-        tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
-    ratio = round(stats["bytes"] / tokens, 4) if tokens else None
-    return {
-        "bytes_per_token": ratio,
-        "bytes": stats["bytes"],
-        "documents": stats["documents"],
-        "tokens": tokens,
-    }
+def _evaluate(tokenizer, corpus: Artifact, max_bytes: int) -> dict:
+    """The tokenizer report on val.jsonl, or on train.jsonl when val holds no text."""
+    for split in SPLITS[::-1]:  # val first
+        texts = capped_texts((text for text, _ in corpus_records(corpus, f"{split}.jsonl")), max_bytes)
+        report = tokenizer_report(tokenizer, texts)
+        if report["bytes"]:
+            break
+    return {"split": split, **report}
 
 
 def summarize_train(manifest: Manifest) -> list[tuple[str, str]]:
     meta = manifest.metadata
     specials = meta.get("special_tokens", {})
     rows = [
+        ("algorithm", meta.get("algorithm", "bpe")),  # artifacts from before the field were all bpe
         ("vocabulary", f"{meta.get('vocab_size', 0):,}"),
         ("special tokens", " ".join(f"{tok}={i}" for tok, i in specials.items())),
         ("trained on", f"{meta.get('train_bytes', 0):,} bytes, {meta.get('train_documents', 0):,} documents"),
     ]
+    split = meta.get("bytes_per_token_sample", {}).get("split", "val")
     if meta.get("bytes_per_token"):
         rows.append(("bytes per token", f"{meta['bytes_per_token']:.2f}"))
+    if meta.get("unk_rate") is not None:
+        rows.append((f"unknown tokens ({split})", f"{meta['unk_rate']:.4%}"))
+    if meta.get("round_trip_share") is not None:
+        rows.append((f"exact round trips ({split})", f"{meta['round_trip_share']:.2%} of documents"))
     return rows
 
 
@@ -156,7 +182,7 @@ TRAIN = Stage(
     inputs={"corpus": "corpus"},
     permissions=("write-corpus",),
     summary=summarize_train,
-    description="learn a byte-level BPE vocabulary from the corpus' training split",
+    description="learn a tokenizer (byte-level BPE by default) from the corpus' training split",
 )
 
 
@@ -165,7 +191,7 @@ TRAIN = Stage(
 
 def run_encode(config: EncodeConfig, inputs, ctx, out) -> None:
     corpus, tok_artifact = inputs["corpus"], inputs["tokenizer"]
-    tokenizer = load_tokenizer_artifact(tok_artifact)
+    tokenizer = load_tokenizer(tok_artifact)
     vocab = tokenizer.vocab_size
     counts = {split: np.zeros(vocab, dtype=np.int64) for split in SPLITS}
     text_bytes = dict.fromkeys(SPLITS, 0)

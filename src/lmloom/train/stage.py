@@ -13,8 +13,9 @@ from lmloom.models.decoder import Decoder, DecoderConfig
 from lmloom.models.io import model_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
-from lmloom.tokenizers.bpe import TOKENIZER_FILES
+from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
 from lmloom.tokenizers.loader import WindowLoader, validation_batches
+from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.optim import build_optimizer
@@ -48,7 +49,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         )
     if config.threads:
         torch.set_num_threads(config.threads)
-    vocab = int(tok_art.manifest.metadata["vocab_size"])
+    vocab = load_tokenizer(tok_art).vocab_size  # loads (and so checks) the tokenizer before training
     shape = config.model.model_dump()
     shape["vocab_size"] = shape["vocab_size"] or vocab
     if shape["vocab_size"] < vocab:
@@ -96,7 +97,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
 
     for name, data in model_files(model).items():
         out.write_bytes(name, data)
-    for name in TOKENIZER_FILES:
+    for name in ALL_TOKENIZER_FILES:  # whichever the tokenizer's format has
         if tok_art.has(name):
             out.copy_from(tok_art, name)
     out.write_bytes("metrics.jsonl", metrics.path.read_bytes())
