@@ -29,7 +29,7 @@ WORDS = (
     "language history school music garden mountain village report season family county station road "
     "bridge island forest winter summer museum library program council research science theory model "
     "design project village farmer harbour railway castle church painter writer teacher student"
-).split()
+).split() + "the the the of of and and to to that with have be is was in a for on".split()
 
 
 def paragraph(rng: random.Random) -> str:
@@ -152,13 +152,8 @@ def main() -> None:
     print(f"exit {code}; {seconds:.0f} s, {docs / seconds:,.0f} documents/s")
     print(f"peak RSS: main process {peaks[0] / 2**30:.2f} GiB; process tree {peaks[1] / 2**30:.2f} GiB")
     if code == 0:
-        subprocess.run(
-            [sys.executable, "-m", "lmloom", "data", "stats", "--help"], env=env, capture_output=True
-        )
-        ids = subprocess.run(
-            [sys.executable, "-m", "lmloom", "artifacts", "ls"], env=env, capture_output=True, text=True
-        ).stdout
-        print(ids)
+        [corpus_id] = [p.name for p in (folder / "store" / "artifacts").iterdir()]
+        subprocess.run([sys.executable, "-m", "lmloom", "data", "stats", corpus_id], env=env)
     if not args.keep:
         import shutil
 

@@ -230,6 +230,7 @@ _ASSIGNMENT = re.compile(
     r"private[_-]?key|client[_-]?secret)[\w-]*[\"']?\s*(?::=|=>|[:=])\s*(?:([\"'])(.+?)\1|([^\s\"',;]+))"
 )
 _SECRET_WORDS = ("password", "passwd", "pwd", "secret", "key", "token")
+_CODE_NAME = re.compile(r"[A-Za-z_][A-Za-z_.]*$")
 
 
 def _ipv4_spans(text: str, keep_non_global: bool) -> Iterator[PiiSpan]:
@@ -353,6 +354,8 @@ def _secret_spans(text: str) -> Iterator[PiiSpan]:
     if any(word in lowered for word in _SECRET_WORDS):
         for match in _ASSIGNMENT.finditer(text):
             group = 2 if match.group(2) is not None else 3
+            if group == 3 and _CODE_NAME.match(match.group(3)):
+                continue  # `self.passwd = password_mgr`: an unquoted digit-free name is a variable
             if random_looking_secret(match.group(group)):
                 yield PiiSpan(match.start(group), match.end(group), "secret", "secret")
 

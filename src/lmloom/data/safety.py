@@ -41,6 +41,7 @@ WORDLIST_PACKAGE = "lmloom.data"
 WORDLIST_DIR = "wordlists"
 _ALLOW = ""  # the category of allowlisted phrases: matched, never counted
 _CATEGORY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_WORD = re.compile(r"\w+")
 _CLASSIFIER_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -86,10 +87,18 @@ class WordListMatcher:
         for phrase in allowlist:  # an allowed phrase overrides the same phrase in a category
             self.category_of[_normalise(phrase)] = _ALLOW
         self.pattern = compile_terms(self.category_of) if self.category_of else None
+        # Prefilter: a match starts with its term's first word as a whole word, so a text holding
+        # none of those words cannot match, and the big alternation (slow: it is tried at every
+        # position) runs only on the few texts that might. Terms without a word character opt out.
+        firsts = [_WORD.findall(term) for term in self.category_of]
+        self.first_words = frozenset(words[0] for words in firsts if words)
+        self.always_scan = any(not words for words in firsts)
 
     def count(self, text: str) -> Counter[str]:
         counts: Counter[str] = Counter()
         if self.pattern is None:
+            return counts
+        if not self.always_scan and self.first_words.isdisjoint(_WORD.findall(text.lower())):
             return counts
         for match in self.pattern.finditer(text):
             category = self.category_of[_normalise(match.group())]

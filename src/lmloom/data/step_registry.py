@@ -24,6 +24,7 @@ from lmloom.data.dedup import NearDedupConfig, ParagraphDedupConfig
 from lmloom.data.langid import LanguageConfig
 from lmloom.data.markup import MarkupConfig
 from lmloom.data.pii import PiiConfig
+from lmloom.data.quality import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
 from lmloom.data.safety import SafetyConfig
 from lmloom.data.steps import (
     ExactDedup,
@@ -42,6 +43,10 @@ STEP_CONFIGS: tuple[type[StepConfig], ...] = (
     MarkupConfig,
     WhitespaceConfig,
     LanguageConfig,
+    GopherRepetitionConfig,
+    GopherQualityConfig,
+    C4Config,
+    FineWebConfig,
     SafetyConfig,
     PiiConfig,
     NearDedupConfig,
