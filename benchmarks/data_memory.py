@@ -59,7 +59,7 @@ def write_corpus(path: Path, target_bytes: int, seed: int = 0) -> int:
             else:
                 text = "\n\n".join(paragraph(rng) for _ in range(rng.randint(3, 12)))
                 if rng.random() < 0.05:
-                    text += f"\n\nContact me at user{docs}@example.org for details."
+                    text += f"\n\nContact me at user{docs}@mail-{docs % 97}.net for details."
             recent = (recent + [text])[-200:]
             line = json.dumps({"id": f"d{docs}", "text": text}) + "\n"
             handle.write(line)

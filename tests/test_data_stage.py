@@ -208,3 +208,29 @@ def test_data_export_copies_the_corpus_and_audits_it(tmp_path, two_sources):
         env=env,
     )
     assert bad.returncode == 2 and "expected KEY=VALUE" in bad.stderr
+
+
+def test_removed_text_is_redacted_when_the_chain_redacts_pii(tmp_path):
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    secret_mail = "jane.roe@corp-mail.net"
+    (texts / "a.txt").write_text(f"Write to {secret_mail} about the hills and rivers of the north.")
+    (texts / "b.txt").write_text("short")  # dropped by min_chars, after pii
+    (texts / "d.txt").write_bytes(f"bad \xff bytes from {secret_mail}".encode("latin-1"))  # a reject
+    # dropped by the language step, before pii ever sees it
+    (texts / "c.txt").write_text(f"Bitte schreiben Sie an {secret_mail} über die Berge und Flüsse im Norden.")
+    config = {
+        "sources": [{"type": "text-dir", "path": str(texts)}],
+        "min_chars": 10,
+        "steps": [{"type": "language", "keep": ["en"]}, {"type": "pii"}],
+        "executor": {"workers": 1},
+    }
+    [result] = run_recipe(recipe(config), RunContext(ArtifactStore(tmp_path / "s")))
+    art = result.artifact
+    removed = read_jsonl(art, "removed.jsonl")
+    assert {r["step"] for r in removed} == {"language", "min_chars"}
+    everything = b"".join(art.read_bytes(name) for name in art.manifest.files)
+    assert secret_mail.encode() not in everything
+    assert any("<EMAIL>" in r["text"] for r in removed)
+    [reject] = read_jsonl(art, "rejects.jsonl")
+    assert reject["reason"] == "invalid-utf8" and "<EMAIL>" in reject["excerpt"]

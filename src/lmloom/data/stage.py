@@ -6,7 +6,8 @@ The corpus artifact holds
     val.jsonl       the same, for the validation split (see lmloom.data.split)
     rejects.jsonl   every record a source could not read: {"source", "location", "reason", "excerpt", "detail"}
     removed.jsonl   every document a step dropped: {"id", "source", "step", "reason", "detail", "text"}
-                    ("text" only when `record_text` is on and the source is not marked sensitive)
+                    ("text" only when `record_text` is on and the source is not marked sensitive;
+                    redacted like the corpus when the chain has a `pii` step)
     edited.jsonl    every document a step rewrote: {"id", "source", "step", "reason", "detail"} (never
                     the text before the edit: a redaction must not survive in its own audit trail)
     sources.jsonl   every file the sources read, with the sha256 and size of the bytes read and what
@@ -34,6 +35,7 @@ from lmloom.context import StageContext
 from lmloom.data.documents import Document, JsonlWriter, Reject, utf8_len
 from lmloom.data.executor import ExecutorConfig, execute
 from lmloom.data.mixture import MixtureConfig
+from lmloom.data.pii import PiiRedactor, redact
 from lmloom.data.provenance import FileRecord, SourceLedger
 from lmloom.data.sources import SourceConfig, read_source, source_fingerprint
 from lmloom.data.split import SplitWriter
@@ -75,6 +77,10 @@ class PrepareConfig(StrictConfig):
 def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, out: ArtifactWriter) -> None:
     steps = build_chain(config.steps, config.normalize, config.min_chars, config.dedup)
     sensitive = {source.label for source in config.sources if getattr(source, "sensitive", False)}
+    # A document dropped before (or by) a later step still holds its PII: when the chain redacts PII,
+    # the text kept in removed.jsonl is redacted the same way, so the record cannot leak what the
+    # corpus itself hides.
+    redactor = next((step for step in steps if isinstance(step, PiiRedactor)), None)
     sources: list[dict[str, Any]] = []
     files: list[FileRecord] = []
     rejected: Counter[str] = Counter()
@@ -93,7 +99,12 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
         )
 
         def on_reject(reject: Reject) -> None:
-            rejects.write(reject.to_json())
+            record = reject.to_json()
+            if redactor is not None and record["excerpt"]:  # an excerpt of a bad record is raw input
+                record["excerpt"] = redact(
+                    record["excerpt"], redactor.find(record["excerpt"]), redactor.placeholders
+                )
+            rejects.write(record)
             rejected[reject.reason] += 1
 
         def on_drop(doc: Document, step: str, drop: Drop) -> None:
@@ -101,7 +112,10 @@ def run(config: PrepareConfig, inputs: dict[str, Artifact], ctx: StageContext, o
             if drop.detail:
                 record["detail"] = drop.detail
             if config.record_text and doc.source not in sensitive:
-                record["text"] = doc.text
+                text = doc.text
+                if redactor is not None and (redactor.kinds is None or doc.kind in redactor.kinds):
+                    text = redact(text, redactor.find(text), redactor.placeholders)
+                record["text"] = text
             removed.write(record)
             if doc.origin is not None:
                 doc.origin.removed += 1

@@ -12,7 +12,6 @@ read as in `jsonl` (streamed, .gz/.zst, bounded by max_record_bytes).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
@@ -20,9 +19,7 @@ from pydantic import Field
 
 from lmloom.data.documents import (
     INVALID_CONVERSATION,
-    INVALID_JSON,
     INVALID_UNICODE,
-    INVALID_UTF8,
     NOT_AN_OBJECT,
     RECORD_TOO_LARGE,
     UNKNOWN_ROLE,
@@ -37,6 +34,7 @@ from lmloom.data.sources.jsonl import (
     bounded_lines,
     dotted_get,
     encodable,
+    json_line,
 )
 from lmloom.data.sources.reading import Cursor, FileSource, list_files, read_stream
 
@@ -96,17 +94,10 @@ def conversation(
     raw: bytes, where: str, default_id: str, meta: dict[str, Any], cfg: ConversationsSource, origin: Any
 ) -> Document | Reject:
     """A rendered conversation, or a reject saying what is wrong with the record."""
-    line = raw.rstrip(b"\r\n")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return Reject(cfg.label, where, INVALID_UTF8, excerpt(line), str(exc), origin=origin)
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        return Reject(
-            cfg.label, where, INVALID_JSON, excerpt(text), getattr(exc, "msg", str(exc)), origin=origin
-        )
+    parsed = json_line(raw, where, cfg.label, origin)
+    if isinstance(parsed, Reject):
+        return parsed
+    record, text = parsed
     if not isinstance(record, dict):
         return Reject(
             cfg.label, where, NOT_AN_OBJECT, excerpt(text), f"a JSON {type(record).__name__}", origin=origin

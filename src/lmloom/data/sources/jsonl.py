@@ -162,20 +162,26 @@ def parse_line(
     raw: bytes, where: str, default_id: str, meta: dict[str, Any], cfg: _RecordSource, origin: Any = None
 ) -> Document | Reject | None:
     """A document from one JSON line, a reject saying why not, or None for a blank line."""
-    line = raw.rstrip(b"\r\n")
-    if not line.strip():
+    if not raw.strip():
         return None  # blank lines are tolerated, as most JSONL writers and readers do
+    parsed = json_line(raw, where, cfg.label, origin)
+    if isinstance(parsed, Reject):
+        return parsed
+    record, text = parsed
+    return record_document(record, text, where, default_id, meta, cfg, origin)
+
+
+def json_line(raw: bytes, where: str, label: str, origin: Any) -> tuple[Any, str] | Reject:
+    """(the parsed value, its text) of one JSON line, or a reject for bad UTF-8 or bad JSON."""
+    line = raw.rstrip(b"\r\n")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return Reject(cfg.label, where, INVALID_UTF8, excerpt(line), str(exc), origin=origin)
+        return Reject(label, where, INVALID_UTF8, excerpt(line), str(exc), origin=origin)
     try:
-        record = json.loads(text)
+        return json.loads(text), text
     except (ValueError, RecursionError) as exc:
-        return Reject(
-            cfg.label, where, INVALID_JSON, excerpt(text), getattr(exc, "msg", str(exc)), origin=origin
-        )
-    return record_document(record, text, where, default_id, meta, cfg, origin)
+        return Reject(label, where, INVALID_JSON, excerpt(text), getattr(exc, "msg", str(exc)), origin=origin)
 
 
 def record_document(
