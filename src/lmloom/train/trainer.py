@@ -28,6 +28,7 @@ from lmloom.train.checkpoint import (
     save_checkpoint,
 )
 from lmloom.train.optim import OptimConfig, lr_at
+from lmloom.train.progressive import SeqLenWarmup, seq_len_at
 
 
 class LoopConfig(StrictConfig):
@@ -43,6 +44,9 @@ class LoopConfig(StrictConfig):
     log_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     optim: OptimConfig = OptimConfig()
+    seq_len_warmup: SeqLenWarmup = Field(
+        default_factory=SeqLenWarmup, description="progressive training: grow the sequence length"
+    )
 
 
 class BatchSource(Protocol):
@@ -106,7 +110,6 @@ def train_loop(
     last = state.extra or {}
     train_loss, val_loss = last.get("train_loss", math.nan), last.get("val_loss")
     step_model = torch.compile(model) if cfg.compile else model
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
 
@@ -118,9 +121,13 @@ def train_loop(
         lr = lr_at(state.step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        length = seq_len_at(state.step, seq_len, cfg.seq_len_warmup)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * length
         loss_sum = torch.zeros(())
         for _ in range(cfg.grad_accum):
             x, y = data.batch(state.sample, cfg.batch_size)
+            if length < seq_len:
+                x, y = x[:, :length].contiguous(), y[:, :length].contiguous()
             state.sample += cfg.batch_size
             with autocast(cfg.precision):
                 loss = step_model(x, y)
@@ -147,6 +154,8 @@ def train_loop(
         tok_s = steady_tokens / (now - steady_start) if steady_tokens else 0.0
 
         record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
+        if cfg.seq_len_warmup.steps:
+            record["seq_len"] = length
         if state.step == cfg.max_steps:
             val_loss = evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
