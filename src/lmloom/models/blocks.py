@@ -5,7 +5,7 @@ q/k/v projections, torch's `scaled_dot_product_attention`, plain `nn.Linear` / `
 `nn.RMSNorm` parameters with stable state_dict names. What is here:
 
 - `Norm`: LayerNorm (with or without bias) or RMSNorm;
-- `MLP`: GELU (exact erf or tanh approximation), ReLU, or SwiGLU; biases on or off;
+- `MLP`: GELU (exact erf or tanh approximation), ReLU, SwiGLU, or GEGLU (T5 v1.1); biases on or off;
 - `Attention`: multi-head, grouped-query or multi-query (`n_kv_heads`), an optional boolean or additive
   mask, an optional additive position bias (T5), causal or not, self- or cross-attention, optional RoPE;
 - positions: `LearnedPositions`, `sinusoidal_positions` / `SinusoidalPositions`, `RotaryEmbedding`;
@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 NormKind = Literal["layernorm", "rmsnorm"]
-Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu"]
+Activation = Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu_tanh"]
+# Gated activations: act(gate(x)) * up(x), so the MLP gets a third projection.
+GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")
 NormPosition = Literal["pre", "post"]
 
 
@@ -52,20 +54,23 @@ def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: `down(act(up(x)))`, or SwiGLU `down(silu(gate(x)) * up(x))`."""
+    """Position-wise feed-forward: `down(act(up(x)))`, or gated `down(act(gate(x)) * up(x))`: SwiGLU (silu)
+    or GEGLU with the tanh GELU (T5 v1.1's "gated-gelu")."""
 
     def __init__(self, d_model: int, hidden: int, *, activation: Activation = "gelu", bias: bool = True):
         super().__init__()
-        if activation not in ("gelu", "gelu_tanh", "relu", "swiglu"):
+        if activation not in ("gelu", "gelu_tanh", "relu", *GATED_ACTIVATIONS):
             raise ValueError(f"unknown activation {activation!r}")
         self.activation = activation
-        self.gate = nn.Linear(d_model, hidden, bias=bias) if activation == "swiglu" else None
+        self.gate = nn.Linear(d_model, hidden, bias=bias) if activation in GATED_ACTIVATIONS else None
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            gate = self.gate(x)
+            gate = F.silu(gate) if self.activation == "swiglu" else F.gelu(gate, approximate="tanh")
+            return self.down(gate * self.up(x))
         return self.down(activate(self.up(x), self.activation))
 
 
@@ -359,6 +364,7 @@ __all__ = [
     "Activation",
     "Attention",
     "BlockConfig",
+    "GATED_ACTIVATIONS",
     "LearnedPositions",
     "MLP",
     "Norm",

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from lmloom.models.blocks import (
+    GATED_ACTIVATIONS,
     Activation,
     BlockConfig,
     LearnedPositions,
@@ -58,8 +59,10 @@ class EncoderConfig(BaseModel):
     def _check(self) -> EncoderConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.activation == "swiglu":
-            raise ValueError("the encoder's MLP and MLM head take a pointwise activation, not swiglu")
+        if self.activation in GATED_ACTIVATIONS:
+            raise ValueError(
+                f"the encoder's MLP and MLM head take a pointwise activation, not {self.activation}"
+            )
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             raise ValueError(
                 f"pad_token_id {self.pad_token_id} is outside the vocabulary ({self.vocab_size})"
