@@ -18,6 +18,7 @@ from lmloom.tokenizers.loader import WindowLoader, validation_batches
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
+from lmloom.train.curriculum import CurriculumConfig, CurriculumLoader, unigram_difficulty
 from lmloom.train.optim import build_optimizer
 from lmloom.train.trainer import LoopConfig, train_loop
 
@@ -38,6 +39,9 @@ class PretrainConfig(LoopConfig):
     seed: int = Field(1337, description="seeds initialisation and the data order")
     model: ModelShape = ModelShape()
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
+    curriculum: CurriculumConfig = Field(
+        default_factory=CurriculumConfig, description="easy windows first, by a difficulty score and pacing"
+    )
 
 
 def run(config: PretrainConfig, inputs, ctx, out) -> None:
@@ -63,6 +67,10 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
     data = WindowLoader(train, seq_len, seed=config.seed)
+    if config.curriculum.by == "unigram":
+        difficulty = unigram_difficulty(train, seq_len, data.n_windows)
+        samples_per_step = config.batch_size * config.grad_accum
+        data = CurriculumLoader(data, difficulty, config.curriculum, samples_per_step, config.max_steps)
     tokens_per_step = config.batch_size * config.grad_accum * seq_len
     ctx.log(
         f"{model.num_params():,} parameters; {tokens_per_step:,} tokens per step "

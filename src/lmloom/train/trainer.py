@@ -156,6 +156,9 @@ def train_loop(
         record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
         if cfg.seq_len_warmup.steps:
             record["seq_len"] = length
+        describe = getattr(data, "describe", None)  # e.g. the curriculum's pool and difficulty
+        if describe is not None:
+            record.update(describe(state.step - 1))
         if state.step == cfg.max_steps:
             val_loss = evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
