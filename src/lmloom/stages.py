@@ -46,6 +46,7 @@ _REGISTRY = {
     "tokenizer.train": "lmloom.tokenizers.stage:TRAIN",
     "tokenizer.encode": "lmloom.tokenizers.stage:ENCODE",
     "train.pretrain": "lmloom.train.stage:PRETRAIN",
+    "train.continue": "lmloom.train.continual:CONTINUE",
     "serve.samples": "lmloom.serve.stage:SAMPLES",
 }
 
