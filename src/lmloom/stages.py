@@ -34,6 +34,9 @@ class Stage:
     # What the stage reads from outside the store (files, an installation), digested, so that an
     # edited source file under an unchanged config gives a new stage key instead of a stale reuse.
     fingerprint: Callable[[Any], Any] | None = None
+    # The kind of any further inputs, under role names the recipe chooses (None: no others allowed),
+    # e.g. train.pretrain's extra token shards, one per task of a multi-task mixture.
+    extra_inputs: str | None = None
 
     def summarize(self, manifest: Manifest) -> list[tuple[str, str]]:
         return self.summary(manifest) if self.summary else []

@@ -19,8 +19,9 @@ from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.curriculum import CurriculumConfig, CurriculumLoader, unigram_difficulty
+from lmloom.train.multitask import MultiTaskLoader
 from lmloom.train.optim import build_optimizer
-from lmloom.train.trainer import LoopConfig, train_loop
+from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 
 # The model shape as a recipe gives it: DecoderConfig with the vocabulary taken from the tokenizer and
 # defaults small enough to train on a laptop CPU (the quickstart's model); any key can be overridden.
@@ -39,6 +40,10 @@ class PretrainConfig(LoopConfig):
     seed: int = Field(1337, description="seeds initialisation and the data order")
     model: ModelShape = ModelShape()
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
+    task_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="multi-task: weight of each shards input by role (default 1 each), e.g. {shards: 3, code: 1}",
+    )
     curriculum: CurriculumConfig = Field(
         default_factory=CurriculumConfig, description="easy windows first, by a difficulty score and pacing"
     )
@@ -67,6 +72,18 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
     data = WindowLoader(train, seq_len, seed=config.seed)
+    tasks = _task_shards(config, inputs, tok_art, ctx.step)
+    if len(tasks) > 1:
+        if config.curriculum.by != "none":
+            raise ConfigError(
+                f"stages.{ctx.step}.config: curriculum and a multi-task mixture cannot be combined yet"
+            )
+        loaders = {
+            role: WindowLoader(TokenShards(art, "train"), seq_len, seed=config.seed + k)
+            for k, (role, art) in enumerate(tasks.items())
+        }
+        weights = {role: config.task_weights.get(role, 1.0) for role in tasks}
+        data = MultiTaskLoader(loaders, weights, config.seed, config.batch_size * config.grad_accum)
     if config.curriculum.by == "unigram":
         difficulty = unigram_difficulty(train, seq_len, data.n_windows)
         samples_per_step = config.batch_size * config.grad_accum
@@ -101,6 +118,16 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             checkpoint_codecs=scratch_codecs,
         )
     final_val = result.val_loss
+    task_val = {}
+    if len(tasks) > 1:  # per-task validation loss of the final model
+        for role, art in tasks.items():
+            batches = validation_batches(
+                TokenShards(art, "val"), seq_len, config.batch_size, config.final_eval_windows
+            )
+            task_val[role] = evaluate(model, batches, config.precision)
+        ctx.log(
+            "per-task validation loss: " + ", ".join(f"{role} {loss:.4f}" for role, loss in task_val.items())
+        )
     unigram = shards_art.manifest.metadata.get("unigram_val_nats")
 
     for name, data in model_files(model).items():
@@ -125,10 +152,29 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         compiled=config.compile,
         tokenizer=tok_art.id,
     )
+    if task_val:
+        out.metadata.update(task_val_loss=task_val, task_weights=weights)
     ctx.log(
         f"done: train loss {result.train_loss:.4f}, val loss {final_val:.4f} "
         f"(ppl {math.exp(final_val):.1f}), {result.tokens_per_s:,.0f} tok/s"
     )
+
+
+def _task_shards(config: PretrainConfig, inputs, tok_art, step: str) -> dict:
+    """The shards inputs by role (the main `shards` first), each checked against the tokenizer."""
+    tasks = {"shards": inputs["shards"]}
+    tasks.update({role: art for role, art in inputs.items() if role not in ("shards", "tokenizer")})
+    for role, art in tasks.items():
+        if art.manifest.inputs.get("tokenizer") != tok_art.id:
+            raise ConfigError(
+                f"stages.{step}.inputs.{role}: shards {art.short_id} were not encoded with tokenizer {tok_art.short_id}"
+            )
+    unknown = sorted(set(config.task_weights) - set(tasks))
+    if unknown:
+        raise ConfigError(
+            f"stages.{step}.config.task_weights: no shards input named {', '.join(unknown)}; inputs: {', '.join(tasks)}"
+        )
+    return tasks
 
 
 def summary(manifest: Manifest) -> list[tuple[str, str]]:
@@ -142,6 +188,8 @@ def summary(manifest: Manifest) -> list[tuple[str, str]]:
     ]
     if m.get("unigram_val_ppl"):
         rows.append(("unigram baseline perplexity", f"{m['unigram_val_ppl']:.2f}"))
+    for role, loss in (m.get("task_val_loss") or {}).items():
+        rows.append((f"validation loss, task {role}", f"{loss:.4f} (weight {m['task_weights'][role]:g})"))
     rows.append(("training throughput", f"{m['tokens_per_s']:,.0f} tokens/s ({m['precision']})"))
     return rows
 
@@ -152,6 +200,7 @@ PRETRAIN = Stage(
     config=PretrainConfig,
     run=run,
     inputs={"shards": "shards", "tokenizer": "tokenizer"},
+    extra_inputs="shards",  # further shards = further tasks of a multi-task mixture
     permissions=("train",),
     summary=summary,
     description="pre-train a decoder-only transformer on token shards (resumable)",
