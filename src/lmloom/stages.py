@@ -50,6 +50,7 @@ _REGISTRY = {
     "tokenizer.encode": "lmloom.tokenizers.stage:ENCODE",
     "train.pretrain": "lmloom.train.stage:PRETRAIN",
     "train.continue": "lmloom.train.continual:CONTINUE",
+    "train.objective": "lmloom.train.objective_stage:OBJECTIVE",
     "serve.samples": "lmloom.serve.stage:SAMPLES",
 }
 
