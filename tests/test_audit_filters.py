@@ -79,10 +79,16 @@ def test_filters_combine(store):
 def test_since_and_until_are_inclusive_iso_bounds(store):
     entries = list(AuditLog(store / "audit.jsonl").entries())
     third = entries[2]["time"]
-    assert [seq for seq, _ in shown(store, "--since", third)] == [2, 3, 4, 5, 6]
-    assert [seq for seq, _ in shown(store, "--until", third)] == [0, 1, 2]
-    naive_utc = datetime.fromisoformat(third).astimezone(timezone.utc).replace(tzinfo=None).isoformat()
-    assert [seq for seq, _ in shown(store, "--since", naive_utc, "--until", naive_utc)] == [2]
+    # entries written within one clock tick share a time: the bounds are inclusive of all of them
+    at = datetime.fromisoformat(third)
+    same = [e["seq"] for e in entries if datetime.fromisoformat(e["time"]) == at]
+    after = [e["seq"] for e in entries if datetime.fromisoformat(e["time"]) >= at]
+    before = [e["seq"] for e in entries if datetime.fromisoformat(e["time"]) <= at]
+    assert 2 in same and after[-1] == 6 and before[0] == 0
+    assert [seq for seq, _ in shown(store, "--since", third)] == after
+    assert [seq for seq, _ in shown(store, "--until", third)] == before
+    naive_utc = at.astimezone(timezone.utc).replace(tzinfo=None).isoformat()
+    assert [seq for seq, _ in shown(store, "--since", naive_utc, "--until", naive_utc)] == same
     today = datetime.fromisoformat(third).date()
     assert len(shown(store, "--since", str(today), "--until", str(today))) == 7  # a date is its whole day
     assert shown(store, "--until", str(today - timedelta(days=1))) == []
