@@ -74,14 +74,22 @@ def _print_run_summary(results, store_root: Path) -> None:
 
 @public
 def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's YAML.")] = None) -> None:
-    """List the built-in recipes, or print one to copy and edit."""
-    from lmloom.config import builtin_recipes, read_recipe_text
+    """List the built-in recipes with what each does, or print one to copy and edit."""
+    from rich.table import Table
+
+    from lmloom.config import builtin_recipes, load_recipe, read_recipe_text
 
     if name:
         out.print(read_recipe_text(name)[0], highlight=False, markup=False)
         return
+    table = Table(
+        title="Built-in recipes (lmloom run NAME; lmloom recipes NAME prints one)", title_justify="left"
+    )
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it does", overflow="fold")
     for recipe_name in builtin_recipes():
-        out.print(recipe_name)
+        table.add_row(recipe_name, load_recipe(recipe_name).description)
+    out.print(table)
 
 
 @public
