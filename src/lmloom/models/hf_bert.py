@@ -11,19 +11,16 @@ zero row, which adds nothing. Directories are read and written with safetensors 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lmloom.models.encoder import Encoder, EncoderConfig
+from lmloom.models.hf_dir import read_hf_dir, write_hf_dir
 
 Layout = Literal["mlm", "base"]
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
 
 _MLM_PREFIX = "bert."
 _LAYER = "encoder.layer.{}."
@@ -214,14 +211,7 @@ def import_hf_dir(path: str | Path) -> tuple[Encoder, EncoderConfig]:
 
     Pooler and MLM head are built when the checkpoint has their weights. Sharded checkpoints are not read.
     """
-    path = Path(path)
-    hf_config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
-    weights = path / HF_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} not found (only a single model.safetensors is read, never pickle)"
-        )
-    hf_state = load_file(weights)
+    hf_config, hf_state = read_hf_dir(path)
     prefix = _MLM_PREFIX if detect_layout(hf_state) == "mlm" else ""
     cfg = from_hf_config(
         hf_config,
@@ -238,12 +228,7 @@ def export_hf_dir(model: Encoder, path: str | Path, layout: Layout | None = None
     (layout "mlm", the default when the model has an MLM head) or `BertModel.from_pretrained` loads."""
     cfg = model.config
     layout = layout or ("mlm" if cfg.mlm_head else "base")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    hf_state = to_hf_state_dict(state, cfg, layout)
+    state = {k: v.detach() for k, v in model.state_dict().items()}
     architecture = "BertForMaskedLM" if layout == "mlm" else "BertModel"
     fields = hf_config_dict(cfg, architectures=[architecture], **extra)
-    (path / HF_CONFIG).write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-    # metadata "pt": transformers checks it to know the tensors were saved from PyTorch.
-    save_file(hf_state, str(path / HF_WEIGHTS), metadata={"format": "pt"})
+    write_hf_dir(path, fields, to_hf_state_dict(state, cfg, layout))

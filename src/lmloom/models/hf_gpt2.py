@@ -14,19 +14,16 @@ Directories are read and written with safetensors only (never pickle); `transfor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lmloom.models.gpt import GPT, GPTConfig
+from lmloom.models.hf_dir import HF_CONFIG, HF_WEIGHTS, read_hf_dir, write_hf_dir
 
 Layout = Literal["lm", "base"]
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
 
 _LM_PREFIX = "transformer."
 _LM_HEAD = "lm_head.weight"
@@ -209,16 +206,10 @@ def import_hf_dir(path: str | Path) -> tuple[GPT, GPTConfig]:
 
     Sharded checkpoints are not read.
     """
-    path = Path(path)
-    hf_config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
-    weights = path / HF_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} not found (only a single model.safetensors is read, never pickle)"
-        )
+    hf_config, hf_state = read_hf_dir(path)
     cfg = from_hf_config(hf_config)
     model = GPT(cfg)
-    model.load_state_dict(from_hf_state_dict(load_file(weights), cfg))
+    model.load_state_dict(from_hf_state_dict(hf_state, cfg))
     return model.eval(), cfg
 
 
@@ -227,13 +218,8 @@ def export_hf_dir(model: GPT, path: str | Path, **extra: Any) -> None:
     loads; `extra` adds or overrides config fields (e.g. bos_token_id / eos_token_id)."""
     cfg = model.config
     fields = hf_config_dict(cfg, **extra)  # first: refuses what GPT-2 cannot hold before writing anything
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    hf_state = to_hf_state_dict(state, cfg, "lm")
-    (path / HF_CONFIG).write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-    # metadata "pt": transformers checks it to know the tensors were saved from PyTorch.
-    save_file(hf_state, str(path / HF_WEIGHTS), metadata={"format": "pt"})
+    write_hf_dir(path, fields, to_hf_state_dict(state, cfg, "lm"))
 
 
 __all__ = [

@@ -19,18 +19,14 @@ Directories are read and written with safetensors only (never pickle); `transfor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from lmloom.models.encoder_decoder import T5, T5Config
-
-HF_CONFIG = "config.json"
-HF_WEIGHTS = "model.safetensors"
+from lmloom.models.hf_dir import read_hf_dir, write_hf_dir
 
 _SHARED, _LM_HEAD = "shared.weight", "lm_head.weight"
 # Copies of `shared` that older checkpoints stored, and a cross-attention table HF never used.
@@ -199,16 +195,10 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: T5Config) -> d
 
 def import_hf_dir(path: str | Path) -> tuple[T5, T5Config]:
     """A `T5` (eval mode) from a local HF T5 directory: config.json + model.safetensors (not sharded)."""
-    path = Path(path)
-    hf_config = json.loads((path / HF_CONFIG).read_text(encoding="utf-8"))
-    weights = path / HF_WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{weights} not found (only a single model.safetensors is read, never pickle)"
-        )
+    hf_config, hf_state = read_hf_dir(path)
     cfg = from_hf_config(hf_config)
     model = T5(cfg)
-    model.load_state_dict(from_hf_state_dict(load_file(weights), cfg))
+    model.load_state_dict(from_hf_state_dict(hf_state, cfg))
     return model.eval(), cfg
 
 
@@ -216,13 +206,8 @@ def export_hf_dir(model: T5, path: str | Path, **extra: Any) -> None:
     """Write config.json + model.safetensors that `transformers.T5ForConditionalGeneration.from_pretrained`
     loads; `extra` adds config fields (eos_token_id, task_specific_params, ...)."""
     cfg = model.config
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    fields = hf_config_dict(cfg, **extra)
-    (path / HF_CONFIG).write_text(json.dumps(fields, indent=2) + "\n", encoding="utf-8")
-    # metadata "pt": transformers checks it to know the tensors were saved from PyTorch.
-    save_file(to_hf_state_dict(state, cfg), str(path / HF_WEIGHTS), metadata={"format": "pt"})
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    write_hf_dir(path, hf_config_dict(cfg, **extra), to_hf_state_dict(state, cfg))
 
 
 __all__ = [
