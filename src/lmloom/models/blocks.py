@@ -167,6 +167,22 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device | str | None =
     return q[:, None] >= torch.arange(n_keys, device=device)[None, :]
 
 
+def check_attention_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """A [B, T, T] or [B, 1, T, T] boolean mask as [B, 1, T, T] (one mask for every head)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"attention_mask must be boolean (True = may attend), got {mask.dtype}")
+    if mask.dim() == 3:
+        mask = mask[:, None]
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (length, length):
+        raise ValueError(
+            f"attention_mask must be [B, {length}, {length}] or [B, 1, {length}, {length}], "
+            f"got {tuple(mask.shape)}"
+        )
+    if mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask batch {mask.shape[0]} does not match the {batch} sequences")
+    return mask
+
+
 class Attention(nn.Module):
     """Scaled dot-product attention with separate q/k/v projections.
 
@@ -375,6 +391,7 @@ __all__ = [
     "TransformerBlock",
     "activate",
     "causal_mask",
+    "check_attention_mask",
     "init_normal_",
     "rotate_half",
     "sinusoidal_positions",

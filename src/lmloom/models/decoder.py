@@ -1,8 +1,11 @@
 """A Llama-style decoder-only transformer in one readable file.
 
 Pre-norm blocks (RMSNorm -> attention with RoPE -> residual, RMSNorm -> SwiGLU MLP -> residual), no biases,
-LM head tied to the token embedding. The same function as Hugging Face `LlamaForCausalLM` (`hf_llama.py`
-maps the weights); what differs is how it is computed, each choice measured on CPU training:
+LM head tied to the token embedding; `parallel=True` gives PaLM's block (attention and MLP read one norm and
+add to the residual together). The same function as Hugging Face `LlamaForCausalLM` (`hf_llama.py` maps
+the weights) and as the readable blocks of `blocks.py` in the Llama wiring (a test pins both); it is the
+Llama/PaLM preset of the model family, kept in its own file because of how it is computed, each choice
+measured on CPU training:
 
 - one matmul for q, k and v; RoPE as one complex multiply on q and k together, with a hand-written
   backward that assembles d(qkv) in one buffer (`_RotaryQKV`);
@@ -12,6 +15,9 @@ maps the weights); what differs is how it is computed, each choice measured on C
 - backward writes gradients into the memory of activations it no longer needs (`_RotaryQKV`, `_SwiGLU`):
   on CPU fresh memory costs a page fault per 4 KiB. So a second backward through the same graph
   (`retain_graph=True`) is refused with autograd's "modified by an inplace operation" error.
+
+`forward` takes an optional boolean attention mask that replaces the causal one (prefix LM); with it,
+attention runs through SDPA with that mask.
 
 Parallelism, adapters and privacy wrappers are applied from outside: the parameters are those of plain
 `nn.Linear` / `nn.Embedding` / `nn.RMSNorm` modules, with stable state_dict names.
@@ -26,10 +32,23 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from lmloom.models.blocks import check_attention_mask
+
 IGNORE_INDEX = -100
 # Compiled CPU training at up to this many positions uses `blocked_causal_attention` instead of SDPA.
 BLOCKED_ATTENTION_MAX_LEN = 1024
 _QUERY_BLOCK = 128
+
+# Named sizes, (n_layers, d_model, n_heads, n_kv_heads, ffn_hidden); ffn_hidden None = 8/3 * d_model.
+# "tiny" is for tests and CPU smoke runs; "1b" is TinyLlama-1.1B's shape, "7b" Llama-2-7B's.
+PRESETS: dict[str, tuple[int, int, int, int | None, int | None]] = {
+    "tiny": (2, 128, 4, None, None),
+    "small": (4, 256, 4, None, None),  # the quickstart's model
+    "125m": (12, 768, 12, None, None),
+    "350m": (24, 1024, 16, None, None),
+    "1b": (22, 2048, 32, 4, 5632),
+    "7b": (32, 4096, 32, None, 11008),
+}
 
 
 class DecoderConfig(BaseModel):
@@ -50,6 +69,18 @@ class DecoderConfig(BaseModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     tie_embeddings: bool = True
     init_std: float = Field(0.02, gt=0)
+    parallel: bool = Field(False, description="PaLM's parallel block: x + attn(norm(x)) + mlp(norm(x))")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DecoderConfig:
+        """A named size (see PRESETS: tiny, small, 125m, 350m, 1b, 7b); `overrides` set any other field."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown decoder preset {name!r}; choose from {sorted(PRESETS)}")
+        n_layers, d_model, n_heads, n_kv_heads, ffn_hidden = PRESETS[name]
+        shape = dict(
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_hidden=ffn_hidden
+        )
+        return cls(**(shape | overrides))
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DecoderConfig:
@@ -181,6 +212,7 @@ class Attention(nn.Module):
         attn_bias: torch.Tensor | None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv = self.n_heads, self.kv_heads
@@ -193,6 +225,8 @@ class Attention(nn.Module):
             if start_pos > 0 and T > 1:  # a chunk after a prefix: causal within the chunk, sees the prefix
                 pos = torch.arange(start_pos + T, device=x.device)
                 mask, is_causal = pos[None, :] <= pos[start_pos:, None], False
+        if attention_mask is not None:  # replaces causality (prefix LM); checked by Decoder.forward
+            mask, is_causal = attention_mask, False
         if attn_bias is not None:
             y = blocked_causal_attention(q, k, v, attn_bias)
         else:
@@ -266,7 +300,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, layer_idx)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # Parallel (PaLM): one norm feeds both branches, so there is no second one.
+        self.mlp_norm = None if cfg.parallel else nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.dropout = cfg.dropout
 
@@ -281,8 +316,13 @@ class Block(nn.Module):
         attn_bias: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self._drop(self.attn(self.attn_norm(x), cos, sin, attn_bias, kv_cache, start_pos))
+        h = self.attn_norm(x)
+        attended = self._drop(self.attn(h, cos, sin, attn_bias, kv_cache, start_pos, attention_mask))
+        if self.mlp_norm is None:
+            return x + attended + self._drop(self.mlp(h))
+        x = x + attended
         return x + self._drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -402,9 +442,18 @@ class Decoder(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] for idx [B, T]; with targets [B, T] the mean cross-entropy instead."""
+        """Logits [B, T, V] for idx [B, T]; with targets [B, T] the mean cross-entropy instead.
+
+        attention_mask: boolean [B, T, T] or [B, 1, T, T], True where query i may attend to key j; it
+        replaces the causal mask (prefix LM). Not combined with a KV cache.
+        """
         B, T = idx.shape
+        if attention_mask is not None:
+            if kv_cache is not None:
+                raise ValueError("attention_mask and kv_cache cannot be combined")
+            attention_mask = check_attention_mask(attention_mask, B, T)
         if start_pos + T > self.config.seq_len:
             raise ValueError(
                 f"positions {start_pos}..{start_pos + T - 1} exceed seq_len {self.config.seq_len}"
@@ -416,13 +465,14 @@ class Decoder(nn.Module):
             torch.compiler.is_compiling()
             and idx.device.type == "cpu"
             and kv_cache is None
+            and attention_mask is None
             and T <= self.causal_bias.shape[0]
             and not (self.training and self.config.dropout)
         ):
             attn_bias = self.causal_bias[:T, :T]
         x = self.tok_emb(idx)
         for layer in self.layers:
-            x = layer(x, cos, sin, attn_bias, kv_cache, start_pos)
+            x = layer(x, cos, sin, attn_bias, kv_cache, start_pos, attention_mask)
         x = self.norm(x)
         if targets is None:
             return F.linear(x, self.head_weight)

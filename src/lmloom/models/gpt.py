@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from lmloom.models.blocks import Activation, BlockConfig, LearnedPositions, TransformerBlock, init_normal_
+from lmloom.models.blocks import (
+    Activation,
+    BlockConfig,
+    LearnedPositions,
+    TransformerBlock,
+    check_attention_mask,
+    init_normal_,
+)
 from lmloom.models.decoder import IGNORE_INDEX
 
 # OpenAI's GPT-2 sizes (Radford et al. 2019, as published on the Hugging Face hub): (layers, d_model,
@@ -99,22 +106,6 @@ class GPTConfig(BaseModel):
         return embeddings + self.n_layers * per_layer + (d + d * n_bias) + head
 
 
-def _check_attention_mask(mask: torch.Tensor, batch: int, length: int) -> torch.Tensor:
-    """A [B, T, T] or [B, 1, T, T] boolean mask as [B, 1, T, T] (one mask for every head)."""
-    if mask.dtype != torch.bool:
-        raise ValueError(f"attention_mask must be boolean (True = may attend), got {mask.dtype}")
-    if mask.dim() == 3:
-        mask = mask[:, None]
-    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != (length, length):
-        raise ValueError(
-            f"attention_mask must be [B, {length}, {length}] or [B, 1, {length}, {length}], "
-            f"got {tuple(mask.shape)}"
-        )
-    if mask.shape[0] not in (1, batch):
-        raise ValueError(f"attention_mask batch {mask.shape[0]} does not match the {batch} sequences")
-    return mask
-
-
 class GPT(nn.Module):
     """Token ids -> logits, or -> mean next-token loss when targets are given (see `forward`)."""
 
@@ -158,7 +149,7 @@ class GPT(nn.Module):
                 x = layer(x, is_causal=True)
         else:
             # The given mask replaces causality: prefix LM makes the prefix bidirectional.
-            mask = _check_attention_mask(attention_mask, B, T)
+            mask = check_attention_mask(attention_mask, B, T)
             for layer in self.layers:
                 x = layer(x, mask=mask)
         return self.norm(x)

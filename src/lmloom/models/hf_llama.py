@@ -42,6 +42,8 @@ def _halves_to_pairs(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def hf_config_dict(cfg: DecoderConfig, **extra: Any) -> dict[str, Any]:
     """The `config.json` fields of the equivalent `LlamaConfig`; `extra` adds e.g. token ids."""
+    if cfg.parallel:
+        raise ValueError("a parallel (PaLM-style) block has no Llama equivalent; export needs parallel=False")
     fields = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
