@@ -78,9 +78,7 @@ def test_decoder_equals_the_shared_blocks(parallel, kv_heads):
         torch.testing.assert_close(ours(idx), reference(idx), atol=1e-5, rtol=1e-5)
         # Prefix LM: bidirectional over each row's prefix, causal after it.
         mask = prefix_lm_attention_mask(torch.tensor([5, 0, 24]), 24)
-        torch.testing.assert_close(
-            ours(idx, attention_mask=mask), reference(idx, mask), atol=1e-5, rtol=1e-5
-        )
+        torch.testing.assert_close(ours(idx, attention_mask=mask), reference(idx, mask), atol=1e-5, rtol=1e-5)
 
 
 def test_prefix_mask_changes_only_what_it_should():
