@@ -107,10 +107,19 @@ def main() -> None:
         default=cuda,
         help="FSDP2 with a bf16 mixed-precision policy (default on GPU); otherwise bf16 autocast",
     )
+    p.add_argument(
+        "--loss-chunk-elems",
+        type=int,
+        help="logits per chunk of the fused LM head + cross-entropy (default: the model's, sized for CPU caches)",
+    )
     p.add_argument("--peak-sizes", default="8192,4096" if cuda else "2048,1024")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
+    if args.loss_chunk_elems:
+        import lmloom.models.decoder as decoder_module
+
+        decoder_module.linear_cross_entropy.__defaults__ = (args.loss_chunk_elems,)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
