@@ -4,6 +4,11 @@ The stage key is the hash of (stage name, stage version, full config, input arti
 fingerprint of anything read from outside the store, such as the source files). A finished
 stage with the same key is reused after its artifact verifies; an unfinished one finds its scratch
 directory again and resumes from there.
+
+Under torchrun every rank runs this same plan: a `distributed` stage runs on all ranks, and only rank
+0 audits and publishes its artifact (the others write into a staging directory they then discard);
+any other stage runs on rank 0 alone while the rest wait for the id of the artifact it made. The
+store must therefore be one that every rank sees (a shared filesystem or an object store).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from lmloom.artifacts.hashing import sha256_json
 from lmloom.artifacts.store import Artifact
 from lmloom.config import Recipe, StrictConfig, validate_config
 from lmloom.context import RunContext
+from lmloom.distributed import World, barrier, broadcast_text, world
 from lmloom.errors import ConfigError
 from lmloom.stages import Stage, config_dict, get_stage
 
@@ -108,9 +114,13 @@ def run_plan(steps: list[PlannedStep], ctx: RunContext) -> list[StepResult]:
         ctx.store.security.write_codec(True)  # no key configured: fail before any stage starts
     produced: dict[str, Artifact] = {}
     results: list[StepResult] = []
+    w = world()
     for step in steps:
         inputs = {role: _resolve_input(ref, produced, ctx) for role, ref in step.inputs.items()}
-        result = run_step(step, inputs, ctx)
+        if w.is_distributed:
+            result = _run_step_distributed(step, inputs, ctx, w)
+        else:
+            result = run_step(step, inputs, ctx)
         produced[step.name] = result.artifact
         results.append(result)
     return results
@@ -130,7 +140,40 @@ def authorize(step: PlannedStep, ctx: RunContext) -> None:
     )
 
 
-def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) -> StepResult:
+def _run_step_distributed(
+    step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext, w: World
+) -> StepResult:
+    """One step of a torchrun launch: every rank ends with the artifact rank 0 published."""
+    barrier()  # rank 0's previous commit is visible, and no rank is still reading the cache
+    if not step.stage.distributed:
+        if w.is_main:
+            result = run_step(step, inputs, ctx)
+            broadcast_text(result.artifact.id)
+            return result
+        started = time.perf_counter()
+        artifact = ctx.store.open(broadcast_text(None))  # verified like any other read
+        return StepResult(step.name, step.stage, artifact, True, round(time.perf_counter() - started, 3))
+    result = run_step(step, inputs, ctx, publish=w.is_main)
+    barrier()  # every rank is done with the stage's scratch state before anyone moves on
+    artifact_id = broadcast_text(result.artifact.id if w.is_main else None)
+    if w.is_main:
+        shutil.rmtree(
+            ctx.store.work_dir(stage_key(step.stage, step.config, _ids(inputs), step.encrypt)), True
+        )
+    else:
+        result = StepResult(step.name, step.stage, ctx.store.open(artifact_id), result.reused, result.seconds)
+    return result
+
+
+def _ids(inputs: dict[str, Artifact]) -> dict[str, str]:
+    return {role: artifact.id for role, artifact in inputs.items()}
+
+
+def run_step(
+    step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext, publish: bool = True
+) -> StepResult:
+    """Run (or reuse) one stage. publish=False (ranks > 0 of a distributed stage): run it, audit
+    nothing, discard the output; the caller takes rank 0's artifact instead."""
     # Before anything else, the stage key included: its fingerprint reads the raw sources.
     authorize(step, ctx)
     stage = step.stage
@@ -146,6 +189,8 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
     started = time.perf_counter()
 
     def audit(event: str, **fields) -> None:
+        if not publish:
+            return
         ctx.audit.append(event, ctx.principal, step=step.name, stage=stage.name, stage_key=key, **fields)
 
     def elapsed() -> float:
@@ -172,6 +217,9 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
             encrypt=step.encrypt,
         )
         stage.run(step.config, inputs, stage_ctx, out)
+        if not publish:
+            out.abort()
+            return StepResult(step.name, stage, None, False, elapsed())  # type: ignore[arg-type]
         artifact = out.commit()
     except BaseException as exc:
         if out is not None:
@@ -179,7 +227,9 @@ def run_step(step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext) ->
         outcome = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
         audit("stage.end", outcome=outcome, error=f"{type(exc).__name__}: {exc}"[:500], seconds=elapsed())
         raise
-    shutil.rmtree(stage_ctx.work_dir, ignore_errors=True)  # the scratch state is only for resuming
+    # The scratch state is only for resuming (under torchrun, removed once every rank is past it).
+    if not world().is_distributed:
+        shutil.rmtree(stage_ctx.work_dir, ignore_errors=True)
     seconds = elapsed()
     audit("stage.end", outcome="ok", outputs=[artifact.id], seconds=seconds)
     return StepResult(step.name, stage, artifact, False, seconds)

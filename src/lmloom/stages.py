@@ -37,6 +37,8 @@ class Stage:
     # The kind of any further inputs, under role names the recipe chooses (None: no others allowed),
     # e.g. train.pretrain's extra token shards, one per task of a multi-task mixture.
     extra_inputs: str | None = None
+    # Runs on every rank of a torchrun launch (training); any other stage runs on rank 0 alone.
+    distributed: bool = False
 
     def summarize(self, manifest: Manifest) -> list[tuple[str, str]]:
         return self.summary(manifest) if self.summary else []

@@ -37,11 +37,14 @@ def open_store():
 def current_access():
     """Who is acting under which policy (an unknown LMLOOM_TOKEN is refused here, and audited)."""
     if State.access is None:
+        from lmloom.distributed import world
         from lmloom.security.policy import resolve_access
 
-        State.access = resolve_access(
-            store_root(), notice=lambda message: err.print(f"[dim]{message}[/dim]", highlight=False)
-        )
+        def notice(message: str) -> None:
+            if world().is_main:  # under torchrun, once rather than once per rank
+                err.print(f"[dim]{message}[/dim]", highlight=False)
+
+        State.access = resolve_access(store_root(), notice=notice)
     return State.access
 
 

@@ -31,20 +31,30 @@ def run(
     With no argument it runs the built-in `quickstart` recipe: Python's standard library ->
     cleaned corpus -> BPE tokenizer -> token shards -> pre-trained decoder -> samples.
     """
+    from rich.console import Console
+
+    from lmloom import distributed
     from lmloom.config import load_recipe
     from lmloom.context import RunContext
     from lmloom.pipeline import plan, run_plan
 
     loaded = load_recipe(recipe, set_ or [])
     steps = plan(loaded)  # every config is validated before anything runs
-    ctx = RunContext(open_store(), console=err, access=current_access())
-    err.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}", highlight=False)
+    w = distributed.init()  # under torchrun: join the group; every rank runs this same plan
+    # One voice: ranks other than 0 keep quiet (their errors still reach stderr through the CLI).
+    console = err if w.is_main else Console(stderr=True, quiet=True)
+    ctx = RunContext(open_store(), console=console, access=current_access())
+    launch = f" (rank 0 of {w.size} processes)" if w.is_distributed else ""
+    console.print(f"[bold]lmloom run[/bold] {loaded.name}: {loaded.description}{launch}", highlight=False)
     try:
         results = run_plan(steps, ctx)
     except KeyboardInterrupt:
-        err.print("\n[yellow]interrupted[/yellow]: run the same command again to resume where it stopped")
+        console.print("\n[yellow]interrupted[/yellow]: run the same command again to resume where it stopped")
         raise typer.Exit(130) from None
-    _print_run_summary(results, ctx.store.root)
+    finally:
+        distributed.shutdown()
+    if w.is_main:
+        _print_run_summary(results, ctx.store.root)
 
 
 def _print_run_summary(results, store_root: Path) -> None:
