@@ -53,7 +53,7 @@ def plan(recipe: Recipe) -> list[PlannedStep]:
         stage = get_stage(spec.stage)
         config = validate_config(stage.config, spec.config, f"stages.{name}.config")
         missing = sorted(stage.inputs.keys() - spec.inputs.keys())
-        extra = [] if stage.extra_inputs else sorted(spec.inputs.keys() - stage.inputs.keys())
+        extra = sorted(role for role in spec.inputs if stage.input_kind(role) is None)
         if missing or extra:
             need = ", ".join(f"{role} ({kind})" for role, kind in stage.inputs.items()) or "none"
             bad = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}"
@@ -178,7 +178,7 @@ def run_step(
     authorize(step, ctx)
     stage = step.stage
     for role, artifact in inputs.items():
-        want = stage.inputs.get(role, stage.extra_inputs)
+        want = stage.input_kind(role)
         if artifact.kind != want:
             raise ConfigError(
                 f"stages.{step.name}.inputs.{role}: artifact {artifact.short_id} is a {artifact.kind}, "

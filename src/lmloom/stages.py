@@ -9,7 +9,7 @@ caching by stage key, the staging directory and atomic publish, and the audit en
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from typing import Any
 
@@ -37,8 +37,14 @@ class Stage:
     # The kind of any further inputs, under role names the recipe chooses (None: no others allowed),
     # e.g. train.pretrain's extra token shards, one per task of a multi-task mixture.
     extra_inputs: str | None = None
+    # Inputs a recipe may give or leave out, role -> kind (e.g. train.pretrain's curriculum `reference`).
+    optional_inputs: dict[str, str] = field(default_factory=dict)
     # Runs on every rank of a torchrun launch (training); any other stage runs on rank 0 alone.
     distributed: bool = False
+
+    def input_kind(self, role: str) -> str | None:
+        """The artifact kind an input under this role must be (None: the stage takes no such input)."""
+        return self.inputs.get(role) or self.optional_inputs.get(role) or self.extra_inputs
 
     def summarize(self, manifest: Manifest) -> list[tuple[str, str]]:
         return self.summary(manifest) if self.summary else []
@@ -54,6 +60,9 @@ _REGISTRY = {
     "train.continue": "lmloom.train.continual:CONTINUE",
     "train.objective": "lmloom.train.objective_stage:OBJECTIVE",
     "serve.samples": "lmloom.serve.stage:SAMPLES",
+    "tune.sft": "lmloom.tune.stage:SFT",
+    "align.reward": "lmloom.align.stage:REWARD",
+    "align.dpo": "lmloom.align.stage:DPO",
 }
 
 

@@ -113,6 +113,10 @@ def stages() -> None:
     for name in stage_names():
         stage = get_stage(name)
         inputs = ", ".join(f"{role}: {kind}" for role, kind in stage.inputs.items()) or "-"
+        if stage.optional_inputs:
+            inputs += ", optional " + ", ".join(
+                f"{role}: {kind}" for role, kind in stage.optional_inputs.items()
+            )
         keys = ", ".join(stage.config.model_fields)
         table.add_row(name, stage.kind, inputs, keys, ", ".join(stage.permissions), stage.description)
     out.print(table)

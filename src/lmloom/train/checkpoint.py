@@ -4,7 +4,8 @@ A checkpoint is a directory `step-00000123/` holding
 
     model.safetensors      model weights
     optimizer.safetensors  optimizer state tensors, keyed `state.<param index>.<name>`
-    state.json             step, data position, optimizer param groups, RNG states, counters
+    state.json             step, data position, optimizer param groups, RNG states, counters, and
+                           the model's depth when progressive depth growth changes it
     checksums.json         sha256 of the three files above
 
 written to a temp directory and renamed into place, so a crash (even `kill -9`) leaves either the
@@ -71,9 +72,19 @@ class TrainState:
     sample: int = 0  # next training sample index of the window loader
     tokens: int = 0  # training tokens consumed
     extra: dict[str, Any] | None = None
+    depth: int | None = None  # layers of the model, when progressive depth growth changes them
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "sample": self.sample, "tokens": self.tokens, "extra": self.extra or {}}
+        out = {"step": self.step, "sample": self.sample, "tokens": self.tokens, "extra": self.extra or {}}
+        if self.depth is not None:
+            out["depth"] = self.depth
+        return out
+
+    @classmethod
+    def from_json(cls, train: dict[str, Any]) -> TrainState:
+        return cls(
+            train["step"], train["sample"], train["tokens"], train.get("extra") or None, train.get("depth")
+        )
 
 
 def save_checkpoint(
@@ -146,6 +157,29 @@ def verify_checkpoint(path: Path) -> None:
             raise IntegrityError(f"checkpoint {path}: {name} does not match its checksum (altered)")
 
 
+def read_train_state(path: Path, codecs: CheckpointCodecs | None = None) -> TrainState:
+    """The train state of a verified checkpoint, without loading tensors (e.g. its depth, to build the
+    model it fits before `load_checkpoint`)."""
+    verify_checkpoint(path)
+    encrypted = _check_encryption(path, codecs)
+    if not encrypted:
+        meta = json.loads((path / "state.json").read_text())
+    else:
+        assert codecs is not None
+        codec = codecs.reader(json.loads((path / ENCRYPTION_FILE).read_text()), f"checkpoint {path}")
+        meta = json.loads(read_all(codec.open_read(path / "state.json", "state.json")))
+    return TrainState.from_json(meta["train"])
+
+
+def _check_encryption(path: Path, codecs: CheckpointCodecs | None) -> bool:
+    encrypted = (path / ENCRYPTION_FILE).is_file()
+    if encrypted and codecs is None:
+        raise SecurityError(f"checkpoint {path} is encrypted; this run has no key to read it")
+    if codecs is not None and not encrypted:
+        raise IntegrityError(f"checkpoint {path} is not encrypted, but this run encrypts at rest")
+    return encrypted
+
+
 def load_checkpoint(
     path: Path,
     model: torch.nn.Module,
@@ -154,11 +188,7 @@ def load_checkpoint(
 ) -> TrainState:
     """Restore model, optimizer and RNG in place from a verified checkpoint; return the train state."""
     verify_checkpoint(path)
-    encrypted = (path / ENCRYPTION_FILE).is_file()
-    if encrypted and codecs is None:
-        raise SecurityError(f"checkpoint {path} is encrypted; this run has no key to read it")
-    if codecs is not None and not encrypted:
-        raise IntegrityError(f"checkpoint {path} is not encrypted, but this run encrypts at rest")
+    _check_encryption(path, codecs)
     if codecs is None:
         load_model(model, str(path / "model.safetensors"))
         meta = json.loads((path / "state.json").read_text())
@@ -178,8 +208,7 @@ def load_checkpoint(
         opt_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(torch.tensor(meta["rng_torch"], dtype=torch.uint8))
-    train = meta["train"]
-    return TrainState(train["step"], train["sample"], train["tokens"], train.get("extra") or None)
+    return TrainState.from_json(meta["train"])
 
 
 # -- encrypted checkpoints: the same safetensors/JSON payloads, written and read as bytes ----------

@@ -13,22 +13,32 @@ to 1 by the pacing function (t = step / steps):
 After the curriculum the normal shuffled epochs of the window loader follow, starting at their first
 sample. Everything is a pure function of the sample number, so resume stays exact.
 
-Difficulty `unigram` is the mean surprisal of a window's tokens under the split's own unigram
-distribution: windows of common words and boilerplate come first, rare vocabulary later. (A reference
-model's perplexity is the other classic score; `data.score` writes it per document and can order the
-corpus itself, `order: ascending`.)
+Difficulty scores:
+
+- `unigram`: the mean surprisal of a window's tokens under the split's own unigram distribution:
+  windows of common words and boilerplate come first, rare vocabulary later.
+- `reference`: the window's mean next-token loss under a separate, already trained reference model
+  (a `checkpoint` input of the stage, with the same tokenizer): what a model has learned to predict
+  comes first (as in the "easy by a teacher's loss" curricula, and CCNet's perplexity buckets).
+  `data.score` does the same per document and can order a corpus itself, `order: ascending`.
+
+With a batch-size ramp the optimizer steps hold different numbers of samples; the loader takes the
+samples of each curriculum step, so a sample's step (and so its pool) stays a pure function of it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from lmloom.config import StrictConfig
+from lmloom.models.decoder import Decoder
 from lmloom.tokenizers.loader import WindowLoader, _gather
 from lmloom.tokenizers.shards import TokenShards
 
@@ -36,10 +46,13 @@ _CHUNK_TOKENS = 1 << 22
 
 
 class CurriculumConfig(StrictConfig):
-    by: Literal["none", "unigram"] = Field("none", description="difficulty score of a window")
+    by: Literal["none", "unigram", "reference"] = Field(
+        "none", description="difficulty score of a window; reference: loss under the `reference` input"
+    )
     pacing: Literal["linear", "root", "step"] = "root"
     start_fraction: float = Field(0.2, gt=0, le=1, description="share of the easiest windows at step 0")
     steps: int = Field(0, ge=0, description="optimizer steps the curriculum lasts (0 = all of them)")
+    reference_batch_size: int = Field(16, ge=1, description="windows per forward pass of the reference")
 
 
 def pool_fraction(step: int, config: CurriculumConfig, total_steps: int) -> float:
@@ -73,6 +86,46 @@ def unigram_difficulty(shards: TokenShards, seq_len: int, n_windows: int) -> np.
     return scores
 
 
+_LOGITS_PER_PASS = 1 << 24  # 64 MiB of float32 logits: bounds a scoring pass at large vocabularies
+
+
+@torch.no_grad()
+def reference_difficulty(
+    model: Decoder,
+    shards: TokenShards,
+    seq_len: int,
+    n_windows: int,
+    batch_size: int = 16,
+    precision: str = "fp32",
+    advance: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Mean next-token loss (nats) of each training window under a reference model.
+
+    Window w is the loader's: inputs tokens[w * seq_len : (w + 1) * seq_len], targets shifted by one.
+    A window longer than the reference's context is scored in pieces of its `seq_len` positions.
+    """
+    was_training = model.training
+    model.eval()
+    context = model.config.seq_len
+    rows = max(1, min(batch_size, _LOGITS_PER_PASS // (min(context, seq_len) * model.config.vocab_size)))
+    scores = np.empty(n_windows, dtype=np.float64)
+    for first in range(0, n_windows, rows):
+        last = min(n_windows, first + rows)
+        x, y = _gather(shards, np.arange(first, last), seq_len)
+        total = torch.zeros(last - first, dtype=torch.float64)
+        for start in range(0, seq_len, context):
+            piece_x, piece_y = x[:, start : start + context], y[:, start : start + context]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(piece_x)
+            losses = F.cross_entropy(logits.float().transpose(1, 2), piece_y, reduction="none")
+            total += losses.double().sum(dim=1)
+        scores[first:last] = (total / seq_len).numpy()
+        if advance is not None:
+            advance(last - first)
+    model.train(was_training)
+    return scores
+
+
 def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if len(a) < len(b):
         a, b = b, a
@@ -90,26 +143,37 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 class CurriculumLoader:
-    """A `WindowLoader` whose first `steps` optimizer steps follow the curriculum (see module doc)."""
+    """A `WindowLoader` whose first `steps` optimizer steps follow the curriculum (see module doc).
+
+    `samples_per_step` is one count for every step, or (batch-size ramp) each step's own count.
+    """
 
     def __init__(
         self,
         base: WindowLoader,
         difficulty: np.ndarray,
         config: CurriculumConfig,
-        samples_per_step: int,
+        samples_per_step: int | Sequence[int],
         total_steps: int,
     ):
         if len(difficulty) != base.n_windows:
             raise ValueError(f"{len(difficulty)} difficulty scores for {base.n_windows} windows")
         self.base = base
         self.config = config
-        self.samples_per_step = samples_per_step
         self.total_steps = total_steps
         self.steps = config.steps or total_steps
+        if isinstance(samples_per_step, int):
+            per_step = np.full(self.steps, samples_per_step, dtype=np.int64)
+        else:
+            per_step = np.asarray(samples_per_step[: self.steps], dtype=np.int64)
+            if len(per_step) < self.steps:
+                raise ValueError(
+                    f"sample counts for {len(per_step)} steps; the curriculum lasts {self.steps}"
+                )
+        self.step_starts = np.concatenate([[0], np.cumsum(per_step)])  # first sample of each step
         self.rank = np.argsort(difficulty, kind="stable")  # easiest first
         self.difficulty = difficulty
-        self.curriculum_samples = self.steps * samples_per_step
+        self.curriculum_samples = int(self.step_starts[-1])
         with np.errstate(over="ignore"):
             self._salt = _mix(np.array([base.seed], dtype=np.uint64))[0]
 
@@ -123,7 +187,7 @@ class CurriculumLoader:
         inside = samples < self.curriculum_samples
         if inside.any():
             chosen = samples[inside]
-            steps = chosen // self.samples_per_step
+            steps = np.searchsorted(self.step_starts, chosen, side="right") - 1
             pools = np.array(
                 [
                     max(1, math.ceil(pool_fraction(int(s), self.config, self.total_steps) * len(self.rank)))
@@ -146,7 +210,8 @@ class CurriculumLoader:
         """What the curriculum offered at optimizer step `step`, for the metrics log."""
         if step >= self.steps:
             return {}
-        windows = self.windows(step * self.samples_per_step, self.samples_per_step)
+        first, end = int(self.step_starts[step]), int(self.step_starts[step + 1])
+        windows = self.windows(first, end - first)
         return {
             "curriculum_pool": round(pool_fraction(step, self.config, self.total_steps), 4),
             "curriculum_difficulty": round(float(self.difficulty[windows].mean()), 4),

@@ -1,16 +1,21 @@
-"""`train.pretrain`: token shards + tokenizer -> a checkpoint artifact (weights, config, tokenizer, metrics)."""
+"""`train.pretrain`: token shards + tokenizer -> a checkpoint artifact (weights, config, tokenizer, metrics).
+
+Further inputs: more token shards (tasks of a multi-task mixture, by role name), and `reference`, a
+trained checkpoint with the same tokenizer whose per-window loss orders a `curriculum.by: reference`.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
-from lmloom.models.io import model_files
+from lmloom.models.io import model_files, model_from_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
@@ -18,10 +23,18 @@ from lmloom.tokenizers.loader import WindowLoader, validation_batches
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
-from lmloom.train.curriculum import CurriculumConfig, CurriculumLoader, unigram_difficulty
+from lmloom.train.curriculum import (
+    CurriculumConfig,
+    CurriculumLoader,
+    reference_difficulty,
+    unigram_difficulty,
+)
 from lmloom.train.multitask import MultiTaskLoader
 from lmloom.train.optim import build_optimizer
+from lmloom.train.progressive import DepthGrowth, batch_size_at, depth_at, depth_sizes
 from lmloom.train.trainer import LoopConfig, evaluate, train_loop
+
+REFERENCE = "reference"  # the input role of a curriculum's reference model
 
 # The model shape as a recipe gives it: DecoderConfig with the vocabulary taken from the tokenizer and
 # defaults small enough to train on a laptop CPU (the quickstart's model); any key can be overridden.
@@ -47,6 +60,19 @@ class PretrainConfig(LoopConfig):
     curriculum: CurriculumConfig = Field(
         default_factory=CurriculumConfig, description="easy windows first, by a difficulty score and pacing"
     )
+    depth_growth: DepthGrowth = Field(
+        default_factory=DepthGrowth,
+        description="progressive training: start with fewer layers, stack copies on top at the given steps",
+    )
+
+    @model_validator(mode="after")
+    def _check_depth_growth(self) -> PretrainConfig:
+        growth = self.depth_growth
+        if growth.enabled:
+            depth_sizes(self.model.n_layers, growth)  # raises (naming the depths) if it cannot reach them
+            if growth.at_steps[-1] >= self.max_steps:
+                raise ValueError(f"depth_growth.at_steps {growth.at_steps}: all must be below max_steps")
+        return self
 
 
 def run(config: PretrainConfig, inputs, ctx, out) -> None:
@@ -66,7 +92,9 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     model_cfg = DecoderConfig.model_validate(shape)
 
     torch.manual_seed(config.seed)
-    model = Decoder(model_cfg)
+    # With depth growth the run starts shallow; the loop stacks layers up to model_cfg.n_layers.
+    start_layers = depth_at(0, model_cfg.n_layers, config.depth_growth)
+    model = Decoder(model_cfg.model_copy(update={"n_layers": start_layers}))
     optimizer = build_optimizer(model, config.optim)
     seq_len = model_cfg.seq_len
     train = TokenShards(shards_art, "train")
@@ -84,9 +112,29 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         }
         weights = {role: config.task_weights.get(role, 1.0) for role in tasks}
         data = MultiTaskLoader(loaders, weights, config.seed, config.batch_size * config.grad_accum)
-    if config.curriculum.by == "unigram":
-        difficulty = unigram_difficulty(train, seq_len, data.n_windows)
-        samples_per_step = config.batch_size * config.grad_accum
+    reference = _reference_model(config, inputs, tok_art, ctx.step)
+    if config.curriculum.by != "none":
+        if config.curriculum.by == "unigram":
+            difficulty = unigram_difficulty(train, seq_len, data.n_windows)
+        else:
+            with ctx.progress(data.n_windows, "scoring windows by the reference", unit="window") as bar:
+                difficulty = reference_difficulty(
+                    reference,
+                    train,
+                    seq_len,
+                    data.n_windows,
+                    config.curriculum.reference_batch_size,
+                    config.precision,
+                    bar.advance,
+                )
+            ctx.log(
+                f"reference {inputs[REFERENCE].short_id}: window loss p10 / median / p90 "
+                + " / ".join(f"{q:.3f}" for q in np.quantile(difficulty, [0.1, 0.5, 0.9]))
+            )
+        samples_per_step = [
+            batch_size_at(step, config.batch_size, config.batch_size_ramp) * config.grad_accum
+            for step in range(config.curriculum.steps or config.max_steps)
+        ]
         data = CurriculumLoader(data, difficulty, config.curriculum, samples_per_step, config.max_steps)
     tokens_per_step = config.batch_size * config.grad_accum * seq_len
     ctx.log(
@@ -95,6 +143,15 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         f"{config.max_steps} steps = {config.max_steps * tokens_per_step / max(train.n_tokens, 1):.2f} epochs "
         f"of {train.n_tokens:,} tokens; precision {config.precision}, compile {config.compile}"
     )
+    if config.batch_size_ramp.steps:
+        ramp = config.batch_size_ramp
+        ctx.log(f"batch-size ramp: micro-batch {ramp.start} -> {config.batch_size} over {ramp.steps} steps")
+    if config.depth_growth.enabled:
+        sizes = depth_sizes(model_cfg.n_layers, config.depth_growth)
+        ctx.log(
+            f"depth growth: {' -> '.join(map(str, sizes))} layers at steps "
+            f"{', '.join(map(str, config.depth_growth.at_steps))} (stacking)"
+        )
 
     def val_batches(limit: int):
         return validation_batches(val, seq_len, config.batch_size, max_windows=limit)
@@ -116,7 +173,10 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             progress=bar,
             log=(lambda _msg: None) if quiet else ctx.log,
             checkpoint_codecs=scratch_codecs,
+            depth_growth=config.depth_growth,
+            n_layers=model_cfg.n_layers,
         )
+    model = result.model  # a new, deeper one when the depth grew
     final_val = result.val_loss
     task_val = {}
     if len(tasks) > 1:  # per-task validation loss of the final model
@@ -154,16 +214,49 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     )
     if task_val:
         out.metadata.update(task_val_loss=task_val, task_weights=weights)
+    if reference is not None:
+        out.metadata.update(curriculum_reference=inputs[REFERENCE].id)
     ctx.log(
         f"done: train loss {result.train_loss:.4f}, val loss {final_val:.4f} "
         f"(ppl {math.exp(final_val):.1f}), {result.tokens_per_s:,.0f} tok/s"
     )
 
 
+def _reference_model(config: PretrainConfig, inputs, tok_art, step: str) -> Decoder | None:
+    """The curriculum's reference model: a trained checkpoint input with this run's tokenizer."""
+    wanted = config.curriculum.by == "reference"
+    if REFERENCE not in inputs:
+        if wanted:
+            raise ConfigError(
+                f"stages.{step}.config.curriculum.by = reference needs an input `{REFERENCE}`: a trained "
+                f"checkpoint with the same tokenizer, e.g. inputs: {{{REFERENCE}: <a train.pretrain step>}}"
+            )
+        return None
+    art = inputs[REFERENCE]
+    if not wanted:
+        raise ConfigError(
+            f"stages.{step}.inputs.{REFERENCE}: a reference model is only used by curriculum.by = reference "
+            f"(this run has curriculum.by = {config.curriculum.by})"
+        )
+    if art.kind != "checkpoint":
+        raise ConfigError(
+            f"stages.{step}.inputs.{REFERENCE}: artifact {art.short_id} is a {art.kind}, not a checkpoint"
+        )
+    used = art.manifest.metadata.get("tokenizer")
+    if used != tok_art.id:
+        raise ConfigError(
+            f"stages.{step}.inputs.{REFERENCE}: checkpoint {art.short_id} was trained with tokenizer "
+            f"{str(used)[:12]}, this run uses {tok_art.short_id}; a reference must share the tokenizer"
+        )
+    return model_from_files(art.read_bytes).eval()
+
+
 def _task_shards(config: PretrainConfig, inputs, tok_art, step: str) -> dict:
     """The shards inputs by role (the main `shards` first), each checked against the tokenizer."""
     tasks = {"shards": inputs["shards"]}
-    tasks.update({role: art for role, art in inputs.items() if role not in ("shards", "tokenizer")})
+    tasks.update(
+        {role: art for role, art in inputs.items() if role not in ("shards", "tokenizer", REFERENCE)}
+    )
     for role, art in tasks.items():
         if art.manifest.inputs.get("tokenizer") != tok_art.id:
             raise ConfigError(
@@ -201,6 +294,7 @@ PRETRAIN = Stage(
     run=run,
     inputs={"shards": "shards", "tokenizer": "tokenizer"},
     extra_inputs="shards",  # further shards = further tasks of a multi-task mixture
+    optional_inputs={REFERENCE: "checkpoint"},  # the reference model of curriculum.by = reference
     permissions=("train",),
     summary=summary,
     description="pre-train a decoder-only transformer on token shards (resumable)",

@@ -3,6 +3,8 @@
 Exact resume rests on three facts: the data position is one integer (the next sample index of a
 seeded window loader), the learning rate is a pure function of the step, and the checkpoint holds the
 model, the optimizer and the RNG state. A resumed run therefore replays the uninterrupted one.
+The progressive schedules (sequence length, micro-batch size, depth) are pure functions of the step
+too; a checkpoint of a run that grows its depth records the depth it was saved at.
 """
 
 from __future__ import annotations
@@ -25,14 +27,25 @@ from lmloom.train.checkpoint import (
     TrainState,
     latest_checkpoint,
     load_checkpoint,
+    read_train_state,
     save_checkpoint,
 )
-from lmloom.train.optim import OptimConfig, lr_at
-from lmloom.train.progressive import SeqLenWarmup, seq_len_at
+from lmloom.train.optim import OptimConfig, build_optimizer, lr_at
+from lmloom.train.progressive import (
+    BatchSizeRamp,
+    DepthGrowth,
+    SeqLenWarmup,
+    batch_size_at,
+    depth_at,
+    depth_sizes,
+    grow_optimizer,
+    seq_len_at,
+    stack_layers,
+)
 
 
 class LoopConfig(StrictConfig):
-    batch_size: int = Field(16, ge=1, description="sequences per micro-batch")
+    batch_size: int = Field(16, ge=1, description="sequences per micro-batch (after any batch_size_ramp)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
     precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 = autocast on fp32 master weights")
@@ -46,6 +59,10 @@ class LoopConfig(StrictConfig):
     optim: OptimConfig = OptimConfig()
     seq_len_warmup: SeqLenWarmup = Field(
         default_factory=SeqLenWarmup, description="progressive training: grow the sequence length"
+    )
+    batch_size_ramp: BatchSizeRamp = Field(
+        default_factory=BatchSizeRamp,
+        description="progressive training: grow the micro-batch from start to batch_size sequences",
     )
 
 
@@ -61,6 +78,7 @@ class LoopResult:
     tokens_per_s: float  # steady state, compile warm-up excluded
     seconds: float
     resumed_from: int  # step the run resumed from (0 = fresh)
+    model: torch.nn.Module | None = None  # the trained model: a new, deeper one after depth growth
 
 
 def autocast(precision: str):
@@ -99,10 +117,32 @@ def train_loop(
     progress=None,
     log: Callable[[str], None] = print,  # progress lines every log_every steps
     checkpoint_codecs: CheckpointCodecs | None = None,  # set when the run encrypts at rest
+    depth_growth: DepthGrowth | None = None,  # grow a Decoder by stacking, up to `n_layers`
+    n_layers: int | None = None,
 ) -> LoopResult:
+    """Train to `cfg.max_steps`, resuming from the newest checkpoint in `checkpoint_dir` if any.
+
+    With `depth_growth`, `model` is the shallow `Decoder` of step 0 and each growth replaces the model
+    (and the optimizer, rebuilt by `build_optimizer(model, cfg.optim)` with the moments carried over):
+    use `LoopResult.model`, not the model passed in, after the loop.
+    """
+    growing = depth_growth is not None and depth_growth.enabled
+    if growing:
+        if n_layers is None:
+            raise ValueError("depth_growth needs n_layers, the depth the last growth reaches")
+        sizes = depth_sizes(n_layers, depth_growth)
     state = TrainState()
     latest = latest_checkpoint(checkpoint_dir)
     if latest is not None:
+        if growing:  # build the model at the depth the checkpoint was saved at, then load it
+            saved = read_train_state(latest, checkpoint_codecs).depth
+            if saved not in sizes or saved < model.config.n_layers:
+                raise ValueError(
+                    f"checkpoint {latest} has depth {saved}; this run's depth growth goes through {sizes}"
+                )
+            if saved != model.config.n_layers:
+                model = stack_layers(model, saved)  # the shape; the weights come from the checkpoint
+                optimizer = build_optimizer(model, cfg.optim)
         state = load_checkpoint(latest, model, optimizer, checkpoint_codecs)
         metrics.truncate_after(state.step)
         log(f"resuming from {latest.name} (step {state.step}, sample {state.sample})")
@@ -118,17 +158,40 @@ def train_loop(
     if progress is not None:
         progress.update(state.step)
     while state.step < cfg.max_steps:
+        grown = {}
+        if growing and depth_at(state.step, n_layers, depth_growth) != model.config.n_layers:
+            deeper = stack_layers(model, depth_at(state.step, n_layers, depth_growth))
+            deeper_optimizer = build_optimizer(deeper, cfg.optim)
+            grow_optimizer(model, optimizer, deeper, deeper_optimizer)
+            # What stacking did to the function: validation loss just before and just after.
+            before = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
+            after = evaluate(deeper, val_batches(cfg.eval_windows), cfg.precision)
+            grown = {
+                "depth_from": model.config.n_layers,
+                "growth_val_before": before,
+                "growth_val_after": after,
+            }
+            log(
+                f"step {state.step}: stacked {model.config.n_layers} -> {deeper.config.n_layers} layers; "
+                f"val loss {before:.4f} -> {after:.4f}"
+            )
+            model, optimizer = deeper, deeper_optimizer
+            step_model = torch.compile(model) if cfg.compile else model
+            params = [p for p in model.parameters() if p.requires_grad]
+            model.train()
         lr = lr_at(state.step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         length = seq_len_at(state.step, seq_len, cfg.seq_len_warmup)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * length
+        micro = batch_size_at(state.step, cfg.batch_size, cfg.batch_size_ramp)
+        sequences_per_step = micro * cfg.grad_accum
+        tokens_per_step = sequences_per_step * length
         loss_sum = torch.zeros(())
         for _ in range(cfg.grad_accum):
-            x, y = data.batch(state.sample, cfg.batch_size)
+            x, y = data.batch(state.sample, micro)
             if length < seq_len:
                 x, y = x[:, :length].contiguous(), y[:, :length].contiguous()
-            state.sample += cfg.batch_size
+            state.sample += micro
             with autocast(cfg.precision):
                 loss = step_model(x, y)
             (loss / cfg.grad_accum).backward()
@@ -154,8 +217,13 @@ def train_loop(
         tok_s = steady_tokens / (now - steady_start) if steady_tokens else 0.0
 
         record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
+        record.update(sequences_per_step=sequences_per_step, tokens_per_step=tokens_per_step)
         if cfg.seq_len_warmup.steps:
             record["seq_len"] = length
+        if cfg.batch_size_ramp.steps:
+            record["micro_batch"] = micro
+        if growing:
+            record.update(depth=model.config.n_layers, **grown)
         describe = getattr(data, "describe", None)  # e.g. the curriculum's pool and difficulty
         if describe is not None:
             record.update(describe(state.step - 1))
@@ -165,7 +233,7 @@ def train_loop(
         elif state.step % cfg.eval_every == 0:
             val_loss = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-        if state.step % cfg.log_every == 0 or "val_loss" in record:
+        if state.step % cfg.log_every == 0 or "val_loss" in record or grown:
             metrics.log(state.step, **record, tokens_per_s=tok_s, elapsed_s=now - started)
         if progress is not None:
             progress.update(state.step)
@@ -177,10 +245,11 @@ def train_loop(
             )
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
             state.extra = {"train_loss": train_loss, "val_loss": val_loss}
+            state.depth = model.config.n_layers if growing else None
             save_checkpoint(
                 checkpoint_dir, model, optimizer, state, keep=cfg.keep_checkpoints, codecs=checkpoint_codecs
             )
 
     seconds = time.perf_counter() - started
     tok_s = steady_tokens / (time.perf_counter() - steady_start) if steady_tokens else 0.0
-    return LoopResult(state, train_loss, val_loss, tok_s, seconds, resumed_from)
+    return LoopResult(state, train_loss, val_loss, tok_s, seconds, resumed_from, model)
