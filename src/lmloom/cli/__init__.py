@@ -13,6 +13,7 @@ import typer
 
 from lmloom import __version__
 from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
+from lmloom.cli import serve as serve_cli
 from lmloom.cli.common import State, err, out
 from lmloom.errors import LmloomError
 
@@ -39,6 +40,7 @@ app.command()(run.run)
 app.command()(run.recipes)
 app.command()(run.stages)
 app.command()(generate.generate)
+app.command()(serve_cli.serve)
 
 
 def _version(value: bool) -> None:

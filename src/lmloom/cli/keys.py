@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from lmloom.cli.common import current_access, out, requires, store_root
+from lmloom.cli.common import current_access, err, out, requires, store_root
 from lmloom.errors import SecurityError
 
 app = typer.Typer(
@@ -168,3 +168,102 @@ def keys_list() -> None:
         wrapped = {r.kek_id for r in records}
         verdict = "matches the keyring" if wrapped == {kek.kek_id} else "does NOT match the keyring"
         out.print(f"configured KEK: {kek.kek_id} ({verdict})")
+
+
+# -- gateway API keys ------------------------------------------------------------------------------
+
+api_app = typer.Typer(
+    help=(
+        "API keys for the serving gateway (`lmloom serve`): shown once at creation, stored only as a "
+        "salted HMAC in STORE/gateway/api-keys.json (0600), scoped to models and endpoints, with "
+        "per-key rate limits and an expiry."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(api_app, name="api")
+
+
+def _parse_scopes(scopes: list[str]) -> tuple[list[str] | None, list[str] | None]:
+    from lmloom.errors import ConfigError
+
+    found: dict[str, list[str]] = {}
+    for scope in scopes:
+        kind, sep, values = scope.partition("=")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or kind not in ("models", "endpoints") or not items:
+            raise ConfigError(
+                f"--scope {scope!r}: expected models=NAME[,NAME] or endpoints=chat,completions,..."
+            )
+        found.setdefault(kind, []).extend(items)
+    return found.get("models"), found.get("endpoints")
+
+
+@api_app.command("create")
+@requires(MANAGE_KEYS, action="keys api create")
+def api_create(
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help="models=NAME[,NAME] (default: every model) or endpoints=chat,completions,models,embeddings,"
+            "tokenize,metrics,health,other or * (default: chat,completions,models); repeatable",
+        ),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="A label for listings and the audit log.")] = "",
+    expires: Annotated[str, typer.Option("--expires", help="Lifetime: 30d, 12h, 90m, 2w or never.")] = "90d",
+    rpm: Annotated[
+        int | None, typer.Option("--rpm", min=1, help="Requests per minute [gateway default].")
+    ] = None,
+    tpm: Annotated[
+        int | None, typer.Option("--tpm", min=1, help="Tokens per minute [gateway default].")
+    ] = None,
+    burst: Annotated[int | None, typer.Option("--burst", min=1, help="Request burst [default: rpm].")] = None,
+) -> None:
+    """Create a gateway API key and print it once (only its salted hash is kept)."""
+    from lmloom.serve.gateway.keys import ApiKeyStore, parse_duration
+
+    models, endpoints = _parse_scopes(scope or [])
+    record, key = ApiKeyStore.for_store(store_root()).create(
+        name=name, models=models, endpoints=endpoints, expires_in=parse_duration(expires), rpm=rpm, tpm=tpm,
+        burst=burst,
+    )  # fmt: skip
+    _audit("gateway.key_created", key_id=record.id, name=name, models=record.models, endpoints=record.endpoints,
+           expires=record.expires, rpm=rpm, tpm=tpm)  # fmt: skip
+    err.print(
+        f"API key {record.id} created (expires {record.expires or 'never'}). It is shown only now: "
+        "store it in a secret manager.",
+        highlight=False,
+    )
+    out.print(key, highlight=False, soft_wrap=True)
+
+
+@api_app.command("revoke")
+@requires(MANAGE_KEYS, action="keys api revoke")
+def api_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (a unique prefix is enough).")],
+) -> None:
+    """Revoke a gateway API key; a running gateway refuses it from its next request."""
+    from lmloom.serve.gateway.keys import ApiKeyStore
+
+    record = ApiKeyStore.for_store(store_root()).revoke(key_id)
+    _audit("gateway.key_revoked", key_id=record.id, name=record.name)
+    out.print(f"API key {record.id} revoked at {record.revoked}")
+
+
+@api_app.command("list")
+@requires(MANAGE_KEYS, action="keys api list")
+def api_list() -> None:
+    """The gateway API keys: id, name, scopes, limits, dates and status (never the keys or hashes)."""
+    from lmloom.serve.gateway.keys import ApiKeyStore
+
+    records = ApiKeyStore.for_store(store_root()).records()
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ("id", "name", "status", "models", "endpoints", "rpm", "tpm", "created", "expires"):
+        table.add_column(column, no_wrap=True)
+    for r in records.values():
+        limit = lambda v: "default" if v is None else str(v)  # noqa: E731
+        table.add_row(
+            r.id, r.name, r.status(), ",".join(r.models), ",".join(r.endpoints), limit(r.rpm), limit(r.tpm),
+            r.created[:16].replace("T", " "), (r.expires or "never")[:16].replace("T", " "),
+        )  # fmt: skip
+    out.print(table if records else "no gateway API keys (create one with `lmloom keys api create`)")

@@ -1,0 +1,84 @@
+"""`lmloom serve`: the security gateway in front of a checkpoint served in-process, or of any
+OpenAI-compatible upstream (vLLM, llama.cpp's server, another lmloom) given by URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lmloom.cli.common import err, open_store, requires, store_root
+from lmloom.errors import ConfigError, LmloomError
+
+
+@requires("serve")
+def serve(
+    artifact: Annotated[
+        str | None, typer.Argument(help="Checkpoint artifact id to serve in this process (a unique prefix).")
+    ] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option("--upstream", help="Base URL of an OpenAI-compatible server to front instead."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Gateway config YAML (GatewayConfig).")
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Bind address [config, default 127.0.0.1].")
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="Port [config, default 8000].")] = None,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="Model name clients use [default: the artifact id].")
+    ] = None,
+) -> None:
+    """Serve an OpenAI-compatible API behind the security gateway (API keys, limits, filters, audit).
+
+    Every route but /livez needs a key from `lmloom keys api create`. Binding anything but loopback
+    needs TLS (tls.cert / tls.key in the config).
+    """
+    from lmloom.serve.gateway import ApiKeyStore, create_gateway, load_gateway_config
+
+    if (artifact is None) == (upstream is None):
+        raise ConfigError("give either a checkpoint ARTIFACT to serve or --upstream URL, not both or neither")
+    if upstream is not None and not upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"--upstream {upstream!r}: expected an http(s):// base URL")
+    settings = load_gateway_config(config, host=host, port=port)
+    root = store_root()
+    target = upstream if upstream is not None else _in_process_app(artifact, model_name)
+    app = create_gateway(target, settings, root)
+    if not ApiKeyStore.for_store(root).records():
+        err.print(
+            "no gateway API keys yet: every request will be refused; create one with `lmloom keys api create`"
+        )
+    import uvicorn
+
+    scheme = "https" if settings.tls else "http"
+    err.print(f"gateway on {scheme}://{settings.host}:{settings.port} -> {upstream or 'in-process engine'}")
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=str(settings.tls.cert) if settings.tls else None,
+        ssl_keyfile=str(settings.tls.key) if settings.tls else None,
+        log_level="warning",
+        server_header=False,
+        proxy_headers=False,
+    )
+
+
+def _in_process_app(artifact: str, model_name: str | None):
+    try:
+        from lmloom.serve.api import create_app
+        from lmloom.serve.engine import Engine
+    except ImportError as exc:
+        raise LmloomError(
+            f"the in-process engine is not available ({exc}); run an OpenAI-compatible server and use --upstream URL"
+        ) from None
+    from lmloom.serve.loading import load_checkpoint_artifact
+
+    opened = open_store().open(artifact)
+    model, tokenizer = load_checkpoint_artifact(opened)
+    name = model_name or opened.short_id
+    engine = Engine(model, tokenizer, model_name=name).start()
+    return create_app(engine, name)
