@@ -5,11 +5,16 @@ seeded window loader), the learning rate is a pure function of the step, and the
 model, the optimizer and the RNG state. A resumed run therefore replays the uninterrupted one.
 The progressive schedules (sequence length, micro-batch size, depth) are pure functions of the step
 too; a checkpoint of a run that grows its depth records the depth it was saved at.
+
+The same loop runs in one process or across a torchrun launch: a runner (`runners.py`) says which
+samples this process trains on, how the loss and gradients are reduced and how checkpoints are kept.
+A stability guard (`guards.py`) checks every step's loss and gradient norm before the weights move: a
+non-finite value or a loss spike drops the step, rolls back to the last checkpoint and skips the
+offending batches, each intervention logged as an event in the metrics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -22,14 +27,8 @@ from pydantic import Field
 
 from lmloom.config import StrictConfig
 from lmloom.monitor.metrics import JsonlMetrics
-from lmloom.train.checkpoint import (
-    CheckpointCodecs,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    read_train_state,
-    save_checkpoint,
-)
+from lmloom.train.checkpoint import CheckpointCodecs, TrainState
+from lmloom.train.guards import ParamSnapshot, StabilityGuard, StabilityMonitor
 from lmloom.train.optim import OptimConfig, build_optimizer, lr_at
 from lmloom.train.progressive import (
     BatchSizeRamp,
@@ -42,13 +41,16 @@ from lmloom.train.progressive import (
     seq_len_at,
     stack_layers,
 )
+from lmloom.train.runners import LocalRunner, autocast
 
 
 class LoopConfig(StrictConfig):
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch (after any batch_size_ramp)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="bf16 = autocast on fp32 master weights")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="bf16/fp16 = autocast on fp32 master weights (fp16 with a gradient scaler)"
+    )
     compile: bool = Field(True, description="torch.compile the model for training")
     eval_every: int = Field(100, ge=1, description="steps between validation passes")
     eval_windows: int = Field(64, ge=1, description="validation windows per periodic pass")
@@ -63,6 +65,10 @@ class LoopConfig(StrictConfig):
     batch_size_ramp: BatchSizeRamp = Field(
         default_factory=BatchSizeRamp,
         description="progressive training: grow the micro-batch from start to batch_size sequences",
+    )
+    guard: StabilityGuard = Field(
+        default_factory=StabilityGuard,
+        description="roll back and skip the batch on a non-finite loss/gradient or a loss spike",
     )
 
 
@@ -81,12 +87,6 @@ class LoopResult:
     model: torch.nn.Module | None = None  # the trained model: a new, deeper one after depth growth
 
 
-def autocast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], precision: str
@@ -96,7 +96,7 @@ def evaluate(
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             loss = model(x, y)
         n = int((y != -100).sum())
         total += float(loss) * n
@@ -119,6 +119,7 @@ def train_loop(
     checkpoint_codecs: CheckpointCodecs | None = None,  # set when the run encrypts at rest
     depth_growth: DepthGrowth | None = None,  # grow a Decoder by stacking, up to `n_layers`
     n_layers: int | None = None,
+    runner=None,  # a runners.ParallelRunner under torchrun; default: this one process
 ) -> LoopResult:
     """Train to `cfg.max_steps`, resuming from the newest checkpoint in `checkpoint_dir` if any.
 
@@ -126,16 +127,20 @@ def train_loop(
     (and the optimizer, rebuilt by `build_optimizer(model, cfg.optim)` with the moments carried over):
     use `LoopResult.model`, not the model passed in, after the loop.
     """
+    runner = runner or LocalRunner(checkpoint_dir, checkpoint_codecs)
     growing = depth_growth is not None and depth_growth.enabled
+    if growing and runner.distributed:
+        raise ValueError("depth growth is not supported under torchrun yet")
     if growing:
         if n_layers is None:
             raise ValueError("depth_growth needs n_layers, the depth the last growth reaches")
         sizes = depth_sizes(n_layers, depth_growth)
     state = TrainState()
-    latest = latest_checkpoint(checkpoint_dir)
+    monitor = StabilityMonitor(cfg.guard)
+    latest = runner.latest()
     if latest is not None:
         if growing:  # build the model at the depth the checkpoint was saved at, then load it
-            saved = read_train_state(latest, checkpoint_codecs).depth
+            saved = runner.saved_depth(latest)
             if saved not in sizes or saved < model.config.n_layers:
                 raise ValueError(
                     f"checkpoint {latest} has depth {saved}; this run's depth growth goes through {sizes}"
@@ -143,15 +148,19 @@ def train_loop(
             if saved != model.config.n_layers:
                 model = stack_layers(model, saved)  # the shape; the weights come from the checkpoint
                 optimizer = build_optimizer(model, cfg.optim)
-        state = load_checkpoint(latest, model, optimizer, checkpoint_codecs)
+        state = runner.load(latest, model, optimizer)
+        monitor.load_state_dict((state.extra or {}).get("guard") or {})
         metrics.truncate_after(state.step)
         log(f"resuming from {latest.name} (step {state.step}, sample {state.sample})")
     resumed_from = state.step
     last = state.extra or {}
     train_loss, val_loss = last.get("train_loss", math.nan), last.get("val_loss")
-    step_model = torch.compile(model) if cfg.compile else model
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Under torchrun the caller compiled each block before sharding it (FSDP2 wants it that way).
+    step_model = torch.compile(model) if cfg.compile and not runner.distributed else model
     model.train()
+    scaler = torch.amp.GradScaler(_device_of(model)) if cfg.precision == "fp16" else None
+    # The update ratio needs whole parameters next to their updates: one process, DDP or FSDP alone.
+    watch_updates = not runner.distributed or (runner.cfg.tp == 1 and runner.cfg.pp == 1)
 
     started = time.perf_counter()
     steady_start, steady_tokens = None, 0
@@ -164,8 +173,8 @@ def train_loop(
             deeper_optimizer = build_optimizer(deeper, cfg.optim)
             grow_optimizer(model, optimizer, deeper, deeper_optimizer)
             # What stacking did to the function: validation loss just before and just after.
-            before = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
-            after = evaluate(deeper, val_batches(cfg.eval_windows), cfg.precision)
+            before = runner.evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
+            after = runner.evaluate(deeper, val_batches(cfg.eval_windows), cfg.precision)
             grown = {
                 "depth_from": model.config.n_layers,
                 "growth_val_before": before,
@@ -177,7 +186,6 @@ def train_loop(
             )
             model, optimizer = deeper, deeper_optimizer
             step_model = torch.compile(model) if cfg.compile else model
-            params = [p for p in model.parameters() if p.requires_grad]
             model.train()
         lr = lr_at(state.step, cfg.max_steps, cfg.optim)
         for group in optimizer.param_groups:
@@ -186,27 +194,51 @@ def train_loop(
         micro = batch_size_at(state.step, cfg.batch_size, cfg.batch_size_ramp)
         sequences_per_step = micro * cfg.grad_accum
         tokens_per_step = sequences_per_step * length
+        first_sample = state.sample
         loss_sum = torch.zeros(())
         for _ in range(cfg.grad_accum):
-            x, y = data.batch(state.sample, micro)
+            x, y = runner.local_batch(data, state.sample, micro)
             if length < seq_len:
                 x, y = x[:, :length].contiguous(), y[:, :length].contiguous()
             state.sample += micro
-            with autocast(cfg.precision):
-                loss = step_model(x, y)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach().float()
+            loss_sum += runner.forward_backward(step_model, x, y, cfg.precision, 1 / cfg.grad_accum, scaler)
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        optimizer.step()
+        grad_norm = runner.clip(model, clip)
+        train_loss = runner.mean(float(loss_sum) / cfg.grad_accum)  # the same on every rank
+        # fp16's scaler skips a step with overflowed gradients itself: that is not instability.
+        judged_norm = None if scaler is not None else grad_norm
+        if not cfg.guard.enabled and not math.isfinite(train_loss):
+            raise FloatingPointError(f"training loss became {train_loss} at step {state.step + 1}; lower optim.lr")
+        event = monitor.check(state.step, train_loss, judged_norm, batch=(first_sample, state.sample))
+        if event is not None:
+            optimizer.zero_grad(set_to_none=True)
+            good = runner.latest()
+            restored = runner.load(good, model, optimizer) if good is not None else None
+            state = monitor.rollback(event, restored, state)  # raises TrainingDiverged when out of rollbacks
+            metrics.truncate_after(state.step)
+            metrics.log(state.step, event=event["kind"], **{k: v for k, v in event.items() if k != "kind"})
+            log(
+                f"step {event['step'] + 1}: {event['kind']} (loss {event['loss']}); {event['action']} to step "
+                f"{state.step}, skipping samples {event['skipped_samples'][0]}..{event['skipped_samples'][1] - 1}"
+            )
+            if progress is not None:
+                progress.update(state.step)
+            continue
+        snapshot = (
+            ParamSnapshot(model.parameters())
+            if watch_updates and (state.step + 1) % cfg.log_every == 0
+            else None
+        )
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens += tokens_per_step
-        train_loss = float(loss_sum) / cfg.grad_accum
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(
-                f"training loss became {train_loss} at step {state.step}; lower optim.lr"
-            )
 
         # Throughput skips the first step of this process (compilation and warm-up).
         now = time.perf_counter()
@@ -217,6 +249,10 @@ def train_loop(
         tok_s = steady_tokens / (now - steady_start) if steady_tokens else 0.0
 
         record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
+        if snapshot is not None:
+            record["update_ratio"] = snapshot.update_ratio()
+        if scaler is not None:
+            record["loss_scale"] = scaler.get_scale()
         record.update(sequences_per_step=sequences_per_step, tokens_per_step=tokens_per_step)
         if cfg.seq_len_warmup.steps:
             record["seq_len"] = length
@@ -228,10 +264,10 @@ def train_loop(
         if describe is not None:
             record.update(describe(state.step - 1))
         if state.step == cfg.max_steps:
-            val_loss = evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
+            val_loss = runner.evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
         elif state.step % cfg.eval_every == 0:
-            val_loss = evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
+            val_loss = runner.evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
         if state.step % cfg.log_every == 0 or "val_loss" in record or grown:
             metrics.log(state.step, **record, tokens_per_s=tok_s, elapsed_s=now - started)
@@ -244,12 +280,15 @@ def train_loop(
                 f"step {state.step}/{cfg.max_steps}  loss {train_loss:.4f}{val}  lr {lr:.2e}  {tok_s:,.0f} tok/s"
             )
         if state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps:
-            state.extra = {"train_loss": train_loss, "val_loss": val_loss}
+            state.extra = {"train_loss": train_loss, "val_loss": val_loss, "guard": monitor.state_dict()}
             state.depth = model.config.n_layers if growing else None
-            save_checkpoint(
-                checkpoint_dir, model, optimizer, state, keep=cfg.keep_checkpoints, codecs=checkpoint_codecs
-            )
+            runner.save(model, optimizer, state, cfg.keep_checkpoints)
+    runner.finish()
 
     seconds = time.perf_counter() - started
     tok_s = steady_tokens / (time.perf_counter() - steady_start) if steady_tokens else 0.0
     return LoopResult(state, train_loss, val_loss, tok_s, seconds, resumed_from, model)
+
+
+def _device_of(model) -> str:
+    return next(iter(model.parameters())).device.type
