@@ -30,6 +30,9 @@ class World:
     def is_distributed(self) -> bool:
         return self.size > 1
 
+    # Started by torchrun (even with one process): training then uses the distributed code paths.
+    launched: bool = False
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -42,6 +45,7 @@ def world() -> World:
             rank=int(os.environ.get("RANK", "0")),
             size=int(os.environ.get("WORLD_SIZE", "1")),
             local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            launched="TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ,
         )
     except ValueError as exc:
         raise ValueError(f"malformed torchrun environment (RANK/WORLD_SIZE/LOCAL_RANK): {exc}") from None
@@ -50,7 +54,7 @@ def world() -> World:
 def init() -> World:
     """Join the process group when launched by torchrun: NCCL on GPUs, gloo on CPU. Idempotent."""
     w = world()
-    if not w.is_distributed:
+    if not w.launched:
         return w
     import torch
     import torch.distributed as dist

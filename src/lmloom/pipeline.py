@@ -95,7 +95,7 @@ def stage_key(stage: Stage, config: StrictConfig, input_ids: dict[str, str], enc
         {
             "stage": stage.name,
             "version": stage.version,
-            "config": config_dict(config),
+            "config": {k: v for k, v in config_dict(config).items() if k not in stage.launch_fields},
             "inputs": input_ids,
             "outside_inputs": outside,
             "encrypt": encrypt,

@@ -41,6 +41,9 @@ class Stage:
     optional_inputs: dict[str, str] = field(default_factory=dict)
     # Runs on every rank of a torchrun launch (training); any other stage runs on rank 0 alone.
     distributed: bool = False
+    # Config fields that say how to run, not what to compute (process counts, threads): left out of the
+    # stage key, so a run interrupted under one launch resumes under another.
+    launch_fields: tuple[str, ...] = ()
 
     def input_kind(self, role: str) -> str | None:
         """The artifact kind an input under this role must be (None: the stage takes no such input)."""

@@ -34,13 +34,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    # fused=True runs one kernel over all params (also on CPU); it matches the foreach result.
+    groups = param_groups(model, cfg.weight_decay)
+    # fused=True runs one kernel over all params (also on CPU); it matches the foreach result. It cannot
+    # take a mix of DTensor and plain parameters (tensor parallelism shards some, not norms/embeddings).
+    kinds = {type(p).__name__ == "DTensor" for group in groups for p in group["params"]}
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
-        fused=True,
+        fused=len(kinds) < 2,
     )
 
 

@@ -2,6 +2,13 @@
 
 Further inputs: more token shards (tasks of a multi-task mixture, by role name), and `reference`, a
 trained checkpoint with the same tokenizer whose per-window loss orders a `curriculum.by: reference`.
+
+Under torchrun (`torchrun --nproc_per_node N -m lmloom run RECIPE`) the stage runs on every rank with
+`parallel:` degrees (DDP, FSDP2, tensor and pipeline parallelism; `parallel.py`) and sharded DCP
+checkpoints (`dist_checkpoint.py`); rank 0 gathers the whole model and writes the artifact. How a run
+is launched is not part of what it computes: `parallel`, `threads` and `async_checkpoints` stay out of
+the stage key, so a run interrupted under one launch resumes under another (a DCP checkpoint saved by
+N ranks loads on M, torchrun with one process included).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import numpy as np
 import torch
 from pydantic import Field, create_model, model_validator
 
+from lmloom import distributed
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
@@ -22,6 +30,7 @@ from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
 from lmloom.tokenizers.loader import WindowLoader, validation_batches
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
+from lmloom.train import parallel as par
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.curriculum import (
     CurriculumConfig,
@@ -32,6 +41,7 @@ from lmloom.train.curriculum import (
 from lmloom.train.multitask import MultiTaskLoader
 from lmloom.train.optim import build_optimizer
 from lmloom.train.progressive import DepthGrowth, batch_size_at, depth_at, depth_sizes
+from lmloom.train.runners import ParallelRunner
 from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 
 REFERENCE = "reference"  # the input role of a curriculum's reference model
@@ -64,6 +74,13 @@ class PretrainConfig(LoopConfig):
         default_factory=DepthGrowth,
         description="progressive training: start with fewer layers, stack copies on top at the given steps",
     )
+    parallel: par.ParallelConfig = Field(
+        default_factory=par.ParallelConfig,
+        description="under torchrun: data (dp_replicate/dp_shard), tensor (tp) and pipeline (pp) degrees",
+    )
+    async_checkpoints: bool = Field(
+        False, description="under torchrun: write DCP checkpoints in the background"
+    )
 
     @model_validator(mode="after")
     def _check_depth_growth(self) -> PretrainConfig:
@@ -91,11 +108,25 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         raise ConfigError(f"model.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab}")
     model_cfg = DecoderConfig.model_validate(shape)
 
+    launch = distributed.world()
+    if launch.launched:
+        _check_launchable(config, inputs, ctx, launch, model_cfg)
+    elif config.parallel.world_size > 1:
+        raise ConfigError(
+            f"stages.{ctx.step}.config.parallel asks for {config.parallel.world_size} processes; launch with "
+            f"torchrun --nproc_per_node {config.parallel.world_size} -m lmloom run ..."
+        )
+
     torch.manual_seed(config.seed)
     # With depth growth the run starts shallow; the loop stacks layers up to model_cfg.n_layers.
     start_layers = depth_at(0, model_cfg.n_layers, config.depth_growth)
     model = Decoder(model_cfg.model_copy(update={"n_layers": start_layers}))
-    optimizer = build_optimizer(model, config.optim)
+    runner, trained = None, model  # trained: what the loop steps (the parallelized model under torchrun)
+    if launch.launched:
+        trained, runner = _parallelize(model, config, ctx, model_cfg)
+    elif config.parallel.activation_checkpointing:
+        par.apply_activation_checkpointing(model.layers)
+    optimizer = build_optimizer(trained, config.optim)
     seq_len = model_cfg.seq_len
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
@@ -156,13 +187,16 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     def val_batches(limit: int):
         return validation_batches(val, seq_len, config.batch_size, max_windows=limit)
 
-    metrics = JsonlMetrics(ctx.work_dir / "metrics.jsonl")
+    # Every rank logs (to its own file); rank 0's is the run's.
+    metrics = JsonlMetrics(
+        ctx.work_dir / ("metrics.jsonl" if launch.is_main else f"metrics.rank{launch.rank}.jsonl")
+    )
     # An encrypted run keeps its scratch checkpoints encrypted too (same keys as its artifacts).
     scratch_codecs = CheckpointCodecs.from_store_security(ctx.store.security) if ctx.encrypt else None
     quiet = ctx.console.is_terminal  # the bar shows progress; log lines are for logs and CI
     with ctx.progress(config.max_steps, "pretraining") as bar:
         result = train_loop(
-            model,
+            trained,
             optimizer,
             data,
             val_batches,
@@ -175,8 +209,16 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             checkpoint_codecs=scratch_codecs,
             depth_growth=config.depth_growth,
             n_layers=model_cfg.n_layers,
+            runner=runner,
         )
-    model = result.model  # a new, deeper one when the depth grew
+    if runner is not None:  # gather the whole model on rank 0, which writes the artifact
+        full = runner.full_state(trained)
+        if not launch.is_main:
+            return  # the pipeline discards what the other ranks would write
+        model = Decoder(model_cfg)
+        model.load_state_dict(full)
+    else:
+        model = result.model  # a new, deeper one when the depth grew
     final_val = result.val_loss
     task_val = {}
     if len(tasks) > 1:  # per-task validation loss of the final model
@@ -211,6 +253,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         precision=config.precision,
         compiled=config.compile,
         tokenizer=tok_art.id,
+        processes=launch.size,
     )
     if task_val:
         out.metadata.update(task_val_loss=task_val, task_weights=weights)
@@ -220,6 +263,60 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         f"done: train loss {result.train_loss:.4f}, val loss {final_val:.4f} "
         f"(ppl {math.exp(final_val):.1f}), {result.tokens_per_s:,.0f} tok/s"
     )
+
+
+def _check_launchable(config: PretrainConfig, inputs, ctx, launch, model_cfg) -> None:
+    """What a torchrun launch of this stage cannot do (yet), said before anything is built."""
+    where = f"stages.{ctx.step}.config"
+    try:
+        config.parallel.check(launch.size, model_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.parallel: {exc}") from None
+    unsupported = [
+        name
+        for name, used in (
+            ("curriculum", config.curriculum.by != "none"),
+            ("depth_growth", config.depth_growth.enabled),
+            ("a multi-task mixture", len([r for r in inputs if r not in ("tokenizer", REFERENCE)]) > 1),
+            ("batch_size_ramp", config.batch_size_ramp.steps > 0),
+            ("encryption at rest of checkpoints", ctx.encrypt),
+        )
+        if used
+    ]
+    if unsupported:
+        raise ConfigError(f"{where}: not supported under torchrun yet: {', '.join(unsupported)}")
+    dp = config.parallel.dp_replicate * config.parallel.dp_shard
+    if config.batch_size % dp:
+        raise ConfigError(
+            f"{where}.batch_size = {config.batch_size} does not split over {dp} data-parallel ranks"
+        )
+    if config.parallel.pp > 1 and (config.batch_size // dp) % config.parallel.microbatches:
+        raise ConfigError(
+            f"{where}: each rank's {config.batch_size // dp} sequences do not split into "
+            f"{config.parallel.microbatches} pipeline micro-batches"
+        )
+
+
+def _parallelize(model: Decoder, config: PretrainConfig, ctx, model_cfg):
+    """(the parallelized model, its runner). Blocks are compiled before sharding, as FSDP2 wants."""
+    import torch.distributed as dist
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    mesh = par.build_mesh(config.parallel, dist.get_world_size(), device)
+    if config.compile:
+        for block in model.layers:
+            block.compile()
+    trained = par.parallelize(model, config.parallel, mesh)
+    runner = ParallelRunner(
+        trained, config.parallel, mesh, ctx.work_dir / "dcp", model_cfg, async_save=config.async_checkpoints
+    )
+    p = config.parallel
+    ctx.log(
+        f"{dist.get_world_size()} processes: dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp} "
+        f"x pp {p.pp}" + (f" ({p.pp_schedule}, {p.microbatches} micro-batches)" if p.pp > 1 else "")
+    )
+    return trained, runner
 
 
 def _reference_model(config: PretrainConfig, inputs, tok_art, step: str) -> Decoder | None:
@@ -295,6 +392,8 @@ PRETRAIN = Stage(
     inputs={"shards": "shards", "tokenizer": "tokenizer"},
     extra_inputs="shards",  # further shards = further tasks of a multi-task mixture
     optional_inputs={REFERENCE: "checkpoint"},  # the reference model of curriculum.by = reference
+    distributed=True,  # runs on every rank of a torchrun launch
+    launch_fields=("parallel", "threads", "async_checkpoints"),
     permissions=("train",),
     summary=summary,
     description="pre-train a decoder-only transformer on token shards (resumable)",
