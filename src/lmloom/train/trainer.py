@@ -210,7 +210,9 @@ def train_loop(
         # fp16's scaler skips a step with overflowed gradients itself: that is not instability.
         judged_norm = None if scaler is not None else grad_norm
         if not cfg.guard.enabled and not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss became {train_loss} at step {state.step + 1}; lower optim.lr")
+            raise FloatingPointError(
+                f"training loss became {train_loss} at step {state.step + 1}; lower optim.lr"
+            )
         event = monitor.check(state.step, train_loss, judged_norm, batch=(first_sample, state.sample))
         if event is not None:
             optimizer.zero_grad(set_to_none=True)
@@ -218,7 +220,8 @@ def train_loop(
             restored = runner.load(good, model, optimizer) if good is not None else None
             state = monitor.rollback(event, restored, state)  # raises TrainingDiverged when out of rollbacks
             metrics.truncate_after(state.step)
-            metrics.log(state.step, event=event["kind"], **{k: v for k, v in event.items() if k != "kind"})
+            details = {k: v for k, v in event.items() if k not in ("kind", "step")}
+            metrics.log(state.step, event=event["kind"], flagged_step=event["step"] + 1, **details)
             log(
                 f"step {event['step'] + 1}: {event['kind']} (loss {event['loss']}); {event['action']} to step "
                 f"{state.step}, skipping samples {event['skipped_samples'][0]}..{event['skipped_samples'][1] - 1}"
