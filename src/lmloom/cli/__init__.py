@@ -13,6 +13,7 @@ import typer
 
 from lmloom import __version__
 from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
+from lmloom.cli import export as export_cli
 from lmloom.cli import serve as serve_cli
 from lmloom.cli.common import State, err, out
 from lmloom.errors import LmloomError
@@ -41,6 +42,7 @@ app.command()(run.recipes)
 app.command()(run.stages)
 app.command()(generate.generate)
 app.command()(serve_cli.serve)
+app.command("export")(export_cli.export)
 
 
 def _version(value: bool) -> None:
