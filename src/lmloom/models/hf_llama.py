@@ -4,18 +4,21 @@ Our block is Llama's block with q/k/v fused: `attn.qkv` is q_proj, k_proj and v_
 output dimension. Our RoPE rotates adjacent pairs of dims (2i, 2i+1), as Meta's original Llama; HF's
 rotates (i, i + head_dim/2), so the rows of q_proj and k_proj are permuted within each head on the way
 (the attention scores are unchanged: q and k get the same permutation). The other weights map one to one.
-Only tensors and plain dicts are handled here (no file I/O); `transformers` is imported only by
+`import_hf_dir` / `export_hf_dir` read and write a local HF directory (config.json + model.safetensors,
+through `hf_dir.py`); the rest handles tensors and plain dicts only. `transformers` is imported only by
 `to_hf_config`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmloom.models.decoder import DecoderConfig
+from lmloom.models.decoder import Decoder, DecoderConfig
+from lmloom.models.hf_dir import read_hf_dir, write_hf_dir
 
 _LAYER = "model.layers.{}."
 # Per-layer tensors that map one-to-one: ours -> Hugging Face.
@@ -162,3 +165,24 @@ def from_hf_state_dict(hf_state: Mapping[str, torch.Tensor], cfg: DecoderConfig)
     if state:
         raise ValueError(f"Llama state dict has keys the decoder does not use: {sorted(state)[:8]}")
     return out
+
+
+def import_hf_dir(path: str | Path) -> tuple[Decoder, DecoderConfig]:
+    """A `Decoder` (eval mode) from a local HF Llama directory: config.json + model.safetensors.
+
+    Sharded checkpoints are not read.
+    """
+    hf_config, hf_state = read_hf_dir(path)
+    cfg = from_hf_config(hf_config)
+    model = Decoder(cfg)
+    model.load_state_dict(from_hf_state_dict(hf_state, cfg))
+    return model.eval(), cfg
+
+
+def export_hf_dir(model: Decoder, path: str | Path, **extra: Any) -> None:
+    """Write config.json + model.safetensors that `transformers.LlamaForCausalLM.from_pretrained(path)`
+    loads; `extra` adds or overrides config fields (e.g. bos_token_id / eos_token_id)."""
+    cfg = model.config
+    fields = hf_config_dict(cfg, **extra)  # first: refuses a parallel block before writing anything
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    write_hf_dir(path, fields, to_hf_state_dict(state, cfg))

@@ -1,5 +1,6 @@
-"""`train.objective`: pre-train a GPT-2, BERT or T5 model (built from the shared blocks) with its
-objective — causal LM, prefix LM, masked LM or span corruption — and save it in Hugging Face format.
+"""`train.objective`: pre-train a GPT-2, Llama, BERT or T5 model with its objective — causal LM, prefix
+LM, masked LM or span corruption, or a weighted mixture of causal and prefix LM — and save it in Hugging
+Face format.
 
 The training loop is the same one `train.pretrain` uses: it sees (inputs, targets) pairs and a model
 called as `model(inputs, targets) -> loss`. Here the pairs come from the objective (a seeded transform
@@ -9,13 +10,25 @@ the model is a thin wrapper that turns them into the architecture's own call:
     gpt  + clm        GPT(inputs, targets)
     gpt  + prefix_lm  GPT(inputs, targets, attention_mask): the prefix is read off the targets (they
                       are IGNORE_INDEX up to the last prefix position)
+    llama + clm / prefix_lm   the same calls on `Decoder` (models/decoder.py, any DecoderConfig field
+                      under `model:`); exported as LlamaForCausalLM, so a PaLM-style `parallel: true`
+                      block is refused when the config is validated, before any training
     bert + mlm        cross-entropy of Encoder.mlm_logits(inputs) against targets
     t5   + span       T5(inputs, shift_right(targets), padding mask, targets)
 
 Tokens the objective needs beyond the tokenizer's vocabulary get ids after it: BERT's mask token is
 id V, T5's 100 sentinels are V .. V + 99 (<extra_id_0> = V + 99, as T5 counts down). The artifact
 holds config.json + model.safetensors that `transformers` loads (GPT2LMHeadModel, BertForMaskedLM,
-T5ForConditionalGeneration), the tokenizer files and the metrics.
+T5ForConditionalGeneration, LlamaForCausalLM), the tokenizer files and the metrics.
+
+Mixture of objectives (decoders only): `objectives: {clm: 1.0, prefix_lm: 1.0}` instead of `objective:`.
+Each micro-batch draws its task from the weights with the same seeded per-batch generator that then
+draws the objective's own randomness, so the task of a batch is a pure function of (seed, first sample)
+and resume stays exact. `MixtureLoss` scores each batch with its task's loss and keeps per-task running
+sums in buffers (saved with the checkpoint); the loader's `describe()` reads them into the metrics log
+as `loss/<task>` and `task_share/<task>` (share of micro-batches), averaged since the last `log_every`
+boundary. Validation during training scores each validation batch under a task drawn the same way; the
+metadata holds every task's own validation loss (`task_val_loss`) and the run's task shares.
 """
 
 from __future__ import annotations
@@ -51,32 +64,128 @@ from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.curriculum import _mix
 from lmloom.train.optim import build_optimizer
-from lmloom.train.trainer import LoopConfig, train_loop
+from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 
-PAIRS = {"gpt": ("clm", "prefix_lm"), "bert": ("mlm",), "t5": ("span",)}
+PAIRS = {"gpt": ("clm", "prefix_lm"), "llama": ("clm", "prefix_lm"), "bert": ("mlm",), "t5": ("span",)}
+MIXTURE = "mixture"  # the `objective` of a config that sets `objectives`
 N_SENTINELS = 100
+HF_CLASS = {
+    "gpt": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "bert": "BertForMaskedLM",
+    "t5": "T5ForConditionalGeneration",
+}
 
 
 class ObjectiveTrainConfig(LoopConfig):
-    architecture: Literal["gpt", "bert", "t5"] = "gpt"
-    objective: Literal["clm", "prefix_lm", "mlm", "span"] = "clm"
+    architecture: Literal["gpt", "llama", "bert", "t5"] = "gpt"
+    objective: Literal["clm", "prefix_lm", "mlm", "span", "mixture"] = Field(
+        "clm", description="the training objective; 'mixture' (set by itself) when `objectives` is given"
+    )
+    objectives: dict[str, float] | None = Field(
+        None,
+        description="instead of `objective`: a weighted mixture of the decoder objectives, e.g. "
+        "{clm: 1.0, prefix_lm: 1.0}; each micro-batch draws its task from the weights",
+    )
     preset: str = Field("tiny", description="the architecture's named preset (see its config class)")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset's fields")
     seq_len: int = Field(128, ge=8, description="tokens per training window")
     seed: int = Field(1337, description="seeds initialisation, the data order and the objective's draws")
     compile: bool = Field(False, description="torch.compile the model for training")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mixture_objective(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("objectives") is not None:
+            if data.get("objective", MIXTURE) != MIXTURE:
+                raise ValueError(
+                    f"objective {data['objective']!r} and objectives are alternatives: set one of them "
+                    "(or objective: mixture, which goes with objectives)"
+                )
+            data = {**data, "objective": MIXTURE}
+        return data
+
     @model_validator(mode="after")
     def _pair(self) -> ObjectiveTrainConfig:
-        if self.objective not in PAIRS[self.architecture]:
+        takes = ", ".join(PAIRS[self.architecture])
+        if self.objective == MIXTURE:
+            if not self.objectives:
+                raise ValueError("objective 'mixture' needs objectives: {name: weight, ...}")
+            if self.architecture not in ("gpt", "llama"):
+                raise ValueError(
+                    f"a mixture of objectives needs a decoder architecture (gpt or llama), "
+                    f"not {self.architecture!r}"
+                )
+            for name, weight in self.objectives.items():
+                if name not in PAIRS[self.architecture]:
+                    raise ValueError(
+                        f"objectives: {name!r} does not fit architecture {self.architecture!r}; it takes {takes}"
+                    )
+                if not (math.isfinite(weight) and weight > 0):
+                    raise ValueError(
+                        f"objectives: the weight of {name!r} must be a positive number, got {weight}"
+                    )
+        elif self.objective not in PAIRS[self.architecture]:
             raise ValueError(
-                f"objective {self.objective!r} does not fit architecture {self.architecture!r}; it takes "
-                f"{', '.join(PAIRS[self.architecture])}"
+                f"objective {self.objective!r} does not fit architecture {self.architecture!r}; it takes {takes}"
             )
+        if self.architecture == "llama":
+            self._check_llama()
         return self
+
+    def _check_llama(self) -> None:
+        """Refuse, before any training, a decoder that the Llama export could not hold."""
+        from lmloom.models.decoder import DecoderConfig
+
+        if self.model.get("parallel"):
+            raise ValueError(
+                "model.parallel: a parallel (PaLM-style) block has no Hugging Face Llama equivalent, and "
+                "train.objective saves LlamaForCausalLM; use parallel: false (or train.pretrain, which "
+                "saves lmloom's own format)"
+            )
+        try:
+            DecoderConfig.preset(self.preset, **{"seq_len": self.seq_len, **self.model})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"model: {_first_line(exc)}") from None
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """Task -> normalised weight: the mixture's, or the single objective with weight 1."""
+        if self.objective != MIXTURE:
+            return {self.objective: 1.0}
+        total = sum(self.objectives.values())
+        return {name: weight / total for name, weight in self.objectives.items()}
+
+    @property
+    def label(self) -> str:
+        if self.objective != MIXTURE:
+            return self.objective
+        return " + ".join(f"{name} {weight:.2f}" for name, weight in self.tasks.items())
+
+
+def _first_line(exc: Exception) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+    return str(exc).splitlines()[0]
 
 
 # -- the models, wrapped to the loop's model(inputs, targets) -> loss -----------------------------------
+
+
+def causal_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model(inputs, targets)
+
+
+def prefix_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    ignored = (targets == IGNORE_INDEX).int()
+    leading = ignored.cumprod(dim=1).sum(dim=1)  # IGNORE targets before the first scored one
+    mask = prefix_lm_attention_mask(leading + 1, inputs.shape[1])
+    return model(inputs, targets, attention_mask=mask)
+
+
+DECODER_LOSSES = {"clm": causal_loss, "prefix_lm": prefix_loss}
 
 
 class CausalLoss(torch.nn.Module):
@@ -85,15 +194,50 @@ class CausalLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs, targets)
+        return causal_loss(self.model, inputs, targets)
 
 
 class PrefixLoss(CausalLoss):
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        ignored = (targets == IGNORE_INDEX).int()
-        leading = ignored.cumprod(dim=1).sum(dim=1)  # IGNORE targets before the first scored one
-        mask = prefix_lm_attention_mask(leading + 1, inputs.shape[1])
-        return self.model(inputs, targets, attention_mask=mask)
+        return prefix_loss(self.model, inputs, targets)
+
+
+class MixtureLoss(torch.nn.Module):
+    """A decoder under a mixture of objectives: each batch is scored with the loss of `task`, which the
+    loader sets when it hands the batch out. Training batches add to per-task running sums, kept in
+    buffers so that a checkpoint carries them and a resumed run logs what the uninterrupted one does."""
+
+    def __init__(self, model: torch.nn.Module, tasks: list[str]):
+        super().__init__()
+        self.model = model
+        self.tasks = list(tasks)
+        self.task = self.tasks[0]
+        self.register_buffer("task_loss_sum", torch.zeros(len(tasks), dtype=torch.float64))
+        self.register_buffer("task_batches", torch.zeros(len(tasks), dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = DECODER_LOSSES[self.task](self.model, inputs, targets)
+        if self.training and torch.is_grad_enabled():
+            i = self.tasks.index(self.task)
+            self.task_loss_sum[i] += loss.detach().double()
+            self.task_batches[i] += 1
+        return loss
+
+    @torch.no_grad()
+    def window(self, reset: bool) -> dict[str, float]:
+        """`loss/<task>` (mean over the task's micro-batches) and `task_share/<task>` since the last reset."""
+        total = float(self.task_batches.sum())
+        out: dict[str, float] = {}
+        for i, name in enumerate(self.tasks):
+            n = float(self.task_batches[i])
+            if n:
+                out[f"loss/{name}"] = float(self.task_loss_sum[i]) / n
+            if total:
+                out[f"task_share/{name}"] = round(n / total, 4)
+        if reset:
+            self.task_loss_sum.zero_()
+            self.task_batches.zero_()
+        return out
 
 
 class MaskedLoss(CausalLoss):
@@ -117,7 +261,15 @@ def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Modu
 
         cfg = GPTConfig.preset(config.preset, **{"vocab_size": vocab, "seq_len": config.seq_len, **overrides})
         model = GPT(cfg)
-        return model, (PrefixLoss if config.objective == "prefix_lm" else CausalLoss)(model), vocab
+        return model, _decoder_loss(config, model), vocab
+    if config.architecture == "llama":
+        from lmloom.models.decoder import Decoder, DecoderConfig
+
+        cfg = DecoderConfig.preset(
+            config.preset, **{"vocab_size": vocab, "seq_len": config.seq_len, **overrides}
+        )
+        model = Decoder(cfg)
+        return model, _decoder_loss(config, model), vocab
     if config.architecture == "bert":
         from lmloom.models.encoder import Encoder, EncoderConfig
 
@@ -148,13 +300,22 @@ def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Modu
     return model, SpanLoss(model), vocab + N_SENTINELS
 
 
-def objective_transform(config: ObjectiveTrainConfig, vocab: int):
-    """windows [B, T + 1], generator -> (inputs, targets) of the configured objective."""
-    if config.objective == "clm":
+def _decoder_loss(config: ObjectiveTrainConfig, model: torch.nn.Module) -> torch.nn.Module:
+    if config.objective == MIXTURE:
+        return MixtureLoss(model, list(config.tasks))
+    return (PrefixLoss if config.objective == "prefix_lm" else CausalLoss)(model)
+
+
+def objective_transform(config: ObjectiveTrainConfig, vocab: int, objective: str | None = None):
+    """windows [B, T + 1], generator -> (inputs, targets) of the configured (or the given) objective."""
+    objective = config.objective if objective is None else objective
+    if objective == MIXTURE:
+        raise ValueError("a mixture has one transform per task: objective_transform(config, vocab, task)")
+    if objective == "clm":
         return lambda windows, gen: _pair(causal_lm(windows, gen))
-    if config.objective == "prefix_lm":
+    if objective == "prefix_lm":
         return lambda windows, gen: _pair(prefix_lm(windows, gen))
-    if config.objective == "mlm":
+    if objective == "mlm":
         mlm = MaskedLMConfig(
             mask_token_id=vocab,
             vocab_size=vocab + 1,
@@ -194,6 +355,62 @@ class ObjectiveLoader:
         return self.transform(windows, _generator(self.seed, start_sample))
 
 
+class MixtureLoader:
+    """Like `ObjectiveLoader`, but each micro-batch first draws its task from the weights with the
+    batch's seeded generator, then that task's transform draws from the same generator. The draw is
+    announced to the `MixtureLoss` (the loop scores a batch right after it takes it)."""
+
+    def __init__(
+        self,
+        base: WindowLoader,
+        transforms: dict,
+        tasks: dict[str, float],
+        seed: int,
+        loss: MixtureLoss,
+        log_every: int,
+        max_steps: int,
+    ):
+        self.base, self.transforms, self.seed, self.loss = base, transforms, seed, loss
+        self.names = list(tasks)
+        self.bounds = torch.tensor(list(tasks.values()), dtype=torch.float64).cumsum(0)
+        self.bounds[-1] = 1.0
+        self.log_every, self.max_steps = log_every, max_steps
+
+    def draw(self, gen: torch.Generator) -> str:
+        """The task of a batch: one uniform draw from its generator against the cumulative weights."""
+        u = torch.rand((), generator=gen, dtype=torch.float64)
+        return self.names[int(torch.searchsorted(self.bounds, u, right=True))]
+
+    def task_of(self, start_sample: int) -> str:
+        return self.draw(_generator(self.seed, start_sample))
+
+    def batch(self, start_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.base.batch(start_sample, batch_size)
+        windows = torch.cat([x, y[:, -1:]], dim=1)
+        gen = _generator(self.seed, start_sample)
+        task = self.draw(gen)
+        self.loss.task = task
+        return self.transforms[task](windows, gen)
+
+    def describe(self, step: int) -> dict[str, float]:
+        """Per-task mean loss and task share since the last log_every boundary (0-based `step`)."""
+        done = step + 1
+        return self.loss.window(reset=done % self.log_every == 0 or done == self.max_steps)
+
+
+def mixture_val_batches(
+    shards: TokenShards, seq_len: int, batch_size: int, limit: int, loader: MixtureLoader, seed: int
+):
+    """Validation windows, each batch under a task drawn as in training (from seed + 1)."""
+    n_windows = min(_check_windows(shards, seq_len), limit)
+    for first in range(0, n_windows, batch_size):
+        x, y = _gather(shards, np.arange(first, min(first + batch_size, n_windows)), seq_len)
+        gen = _generator(seed + 1, first)
+        task = loader.draw(gen)
+        loader.loss.task = task
+        yield loader.transforms[task](torch.cat([x, y[:, -1:]], dim=1), gen)
+
+
 def objective_val_batches(
     shards: TokenShards, seq_len: int, batch_size: int, limit: int, transform, seed: int
 ):
@@ -215,15 +432,31 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
         model, loss_model, model_vocab = build_model(config, vocab)
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"stages.{ctx.step}.config: {exc}") from None
-    transform = objective_transform(config, vocab)
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
-    data = ObjectiveLoader(WindowLoader(train, config.seq_len, seed=config.seed), transform, config.seed)
+    windows = WindowLoader(train, config.seq_len, seed=config.seed)
+    transforms = {task: objective_transform(config, vocab, task) for task in config.tasks}
+    if config.objective == MIXTURE:
+        data = MixtureLoader(
+            windows, transforms, config.tasks, config.seed, loss_model, config.log_every, config.max_steps
+        )
+
+        def val_batches(limit):
+            return mixture_val_batches(val, config.seq_len, config.batch_size, limit, data, config.seed)
+    else:
+        transform = transforms[config.objective]
+        data = ObjectiveLoader(windows, transform, config.seed)
+
+        def val_batches(limit):
+            return objective_val_batches(
+                val, config.seq_len, config.batch_size, limit, transform, config.seed
+            )
+
     optimizer = build_optimizer(model, config.optim)
     n_params = sum(p.numel() for p in model.parameters())
     ctx.log(
         f"{config.architecture} ({config.preset}, {n_params:,} parameters, vocabulary {model_vocab:,}) with "
-        f"{config.objective}; {config.max_steps} steps of {config.batch_size} x {config.grad_accum} windows of "
+        f"{config.label}; {config.max_steps} steps of {config.batch_size} x {config.grad_accum} windows of "
         f"{config.seq_len} tokens"
     )
     metrics = JsonlMetrics(ctx.work_dir / "metrics.jsonl")
@@ -234,9 +467,7 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
             loss_model,
             optimizer,
             data,
-            lambda limit: objective_val_batches(
-                val, config.seq_len, config.batch_size, limit, transform, config.seed
-            ),
+            val_batches,
             config,
             config.seq_len,
             ctx.work_dir / "checkpoints",
@@ -244,6 +475,13 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
             progress=bar,
             log=(lambda _msg: None) if quiet else ctx.log,
             checkpoint_codecs=scratch_codecs,
+        )
+    mixture = {}
+    if config.objective == MIXTURE:
+        mixture = _mixture_metadata(config, data, val)
+        ctx.log(
+            "per-task validation loss: "
+            + ", ".join(f"{name} {loss:.4f}" for name, loss in mixture["task_val_loss"].items())
         )
     with tempfile.TemporaryDirectory(dir=ctx.work_dir) as tmp:
         _export(config.architecture, model, Path(tmp))
@@ -265,16 +503,42 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
         tokens_per_s=round(result.tokens_per_s, 1),
         seconds=round(result.seconds, 1),
         tokenizer=tok_art.id,
-        hf_class={"gpt": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}[
-            config.architecture
-        ],
+        hf_class=HF_CLASS[config.architecture],
+        **mixture,
     )
     ctx.log(f"done: train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}")
+
+
+def _mixture_metadata(config: ObjectiveTrainConfig, data: MixtureLoader, val: TokenShards) -> dict[str, Any]:
+    """The weights, the share of micro-batches each task drew over the run, and each task's own
+    validation loss over final_eval_windows."""
+    loss_model = data.loss
+    counts = dict.fromkeys(data.names, 0)
+    for micro in range(config.max_steps * config.grad_accum):
+        counts[data.task_of(micro * config.batch_size)] += 1
+    total = sum(counts.values())
+    task_val = {}
+    for name, transform in data.transforms.items():
+        loss_model.task = name
+        task_val[name] = evaluate(
+            loss_model,
+            objective_val_batches(
+                val, config.seq_len, config.batch_size, config.final_eval_windows, transform, config.seed
+            ),
+            config.precision,
+        )
+    return {
+        "objectives": {name: round(weight, 6) for name, weight in config.tasks.items()},
+        "task_share": {name: round(n / total, 4) for name, n in counts.items()},
+        "task_val_loss": task_val,
+    }
 
 
 def _export(architecture: str, model: torch.nn.Module, path: Path) -> None:
     if architecture == "gpt":
         from lmloom.models.hf_gpt2 import export_hf_dir
+    elif architecture == "llama":
+        from lmloom.models.hf_llama import export_hf_dir
     elif architecture == "bert":
         from lmloom.models.hf_bert import export_hf_dir
     else:
@@ -284,8 +548,11 @@ def _export(architecture: str, model: torch.nn.Module, path: Path) -> None:
 
 def summary(manifest: Manifest) -> list[tuple[str, str]]:
     m = manifest.metadata
-    return [
-        ("model", f"{m['architecture']} with {m['objective']}, {m['parameters']:,} parameters"),
+    objective = m["objective"]
+    if "objectives" in m:
+        objective = " + ".join(f"{name} {weight:.2f}" for name, weight in m["objectives"].items())
+    rows = [
+        ("model", f"{m['architecture']} with {objective}, {m['parameters']:,} parameters"),
         ("training steps", f"{m['steps']:,} ({m['tokens']:,} tokens)"),
         (
             "train / validation loss",
@@ -293,6 +560,18 @@ def summary(manifest: Manifest) -> list[tuple[str, str]]:
         ),
         ("format", f"Hugging Face {m['hf_class']} (config.json + model.safetensors)"),
     ]
+    if "task_val_loss" in m:
+        rows.insert(
+            3,
+            (
+                "per-task validation loss",
+                ", ".join(
+                    f"{name} {loss:.4f} ({m['task_share'][name]:.0%} of batches)"
+                    for name, loss in m["task_val_loss"].items()
+                ),
+            ),
+        )
+    return rows
 
 
 OBJECTIVE = Stage(
@@ -303,5 +582,6 @@ OBJECTIVE = Stage(
     inputs={"shards": "shards", "tokenizer": "tokenizer"},
     permissions=("train",),
     summary=summary,
-    description="pre-train GPT-2 (causal or prefix LM), BERT (masked LM) or T5 (span corruption); Hugging Face output",
+    description="pre-train GPT-2 or Llama (causal or prefix LM, or a mixture of both), BERT (masked LM) or T5 "
+    "(span corruption); Hugging Face output",
 )
