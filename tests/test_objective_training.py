@@ -264,7 +264,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(corpus, tmp_path
     """Interrupt a llama mixture run right after its step-4 checkpoint (mid log window: the per-task
     sums travel in the checkpoint), rerun it, and compare with an uninterrupted run: every logged
     value and the weights are identical."""
-    import lmloom.train.trainer as trainer
+    import lmloom.train.runners as trainer  # the single-process runner saves the checkpoints
 
     config = dict(
         objectives={"clm": 1.0, "prefix_lm": 1.0},

@@ -229,7 +229,7 @@ def test_only_assistant_tokens_carry_loss(setup):
 
 def test_sft_resume_is_exact(setup, tmp_path, monkeypatch):
     """Interrupt right after the step-4 checkpoint, rerun, and match the uninterrupted run exactly."""
-    import lmloom.train.trainer as trainer
+    import lmloom.train.runners as trainer  # the single-process runner saves the checkpoints
 
     recipe = tiny_recipe(tmp_path, setup["code"], setup["sft_data"])
     store = ArtifactStore(tmp_path / "store")

@@ -66,6 +66,8 @@ _REGISTRY = {
     "tune.sft": "lmloom.tune.stage:SFT",
     "align.reward": "lmloom.align.stage:REWARD",
     "align.dpo": "lmloom.align.stage:DPO",
+    "align.grpo": "lmloom.align.grpo_stage:GRPO",
+    "align.constitutional": "lmloom.align.constitutional_stage:CONSTITUTIONAL",
     "export.hf": "lmloom.export.hf:HF",
     "export.gguf": "lmloom.export.gguf_file:GGUF",
     "export.onnx": "lmloom.export.onnx_stage:ONNX",

@@ -111,6 +111,10 @@ class PairBatch:
     def pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
+    @property
+    def device(self) -> torch.device:  # the training loop picks its autocast device from the batch
+        return self.input_ids.device
+
 
 def encode_pairs(
     tokenizer: TextTokenizer, pairs: list[PreferenceExample], max_len: int, report: LoadReport
