@@ -62,6 +62,7 @@ _REGISTRY = {
     "train.pretrain": "lmloom.train.stage:PRETRAIN",
     "train.continue": "lmloom.train.continual:CONTINUE",
     "train.objective": "lmloom.train.objective_stage:OBJECTIVE",
+    "train.dp_pretrain": "lmloom.privacy.dp_stage:DP_PRETRAIN",
     "serve.samples": "lmloom.serve.stage:SAMPLES",
     "tune.sft": "lmloom.tune.stage:SFT",
     "align.reward": "lmloom.align.stage:REWARD",

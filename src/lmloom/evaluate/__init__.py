@@ -1,0 +1,1 @@
+"""Evaluations of trained models: privacy audits (`privacy.py`), and the other audits beside it."""
