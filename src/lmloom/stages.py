@@ -67,6 +67,7 @@ _REGISTRY = {
     "tune.sft": "lmloom.tune.stage:SFT",
     "align.reward": "lmloom.align.stage:REWARD",
     "align.dpo": "lmloom.align.stage:DPO",
+    "evaluate.gates": "lmloom.evaluate.gates:GATES",
     "align.grpo": "lmloom.align.grpo_stage:GRPO",
     "align.constitutional": "lmloom.align.constitutional_stage:CONSTITUTIONAL",
     "export.hf": "lmloom.export.hf:HF",

@@ -13,6 +13,7 @@ import typer
 
 from lmloom import __version__
 from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
+from lmloom.cli import evaluate as evaluate_cli
 from lmloom.cli import export as export_cli
 from lmloom.cli import serve as serve_cli
 from lmloom.cli import tune as tune_cli
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 app.add_typer(artifacts.app, name="artifacts")
 app.add_typer(audit.app, name="audit")
+app.add_typer(evaluate_cli.app, name="evaluate")
 app.add_typer(data.app, name="data")
 app.add_typer(keys.app, name="keys")
 app.add_typer(policy.app, name="policy")

@@ -45,6 +45,13 @@ def export(
         list[str] | None,
         typer.Option("--set", "-s", help="Any other stage config value KEY=VALUE (YAML value). Repeatable."),
     ] = None,
+    override_gates: Annotated[
+        bool,
+        typer.Option(
+            "--override-gates",
+            help="Export a checkpoint that has not passed the store's release gates (audited).",
+        ),
+    ] = False,
 ) -> None:
     """Export a checkpoint for deployment: a Hugging Face directory, a GGUF file or an ONNX graph with
     explicit past key/values (optionally int8). The result is a signed, verified artifact."""
@@ -72,6 +79,9 @@ def export(
             )
         config["dtype"] = dtype
     store = open_store()
+    from lmloom.evaluate.gates import check_release_gates
+
+    check_release_gates(store, artifact, override_gates, current_access().principal, action="export")
     inputs = {"checkpoint": ARTIFACT_REF + store.resolve(artifact)}
     if shards is not None:
         if fmt is not Format.onnx:

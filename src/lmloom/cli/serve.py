@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from lmloom.cli.common import err, open_store, requires, store_root
+from lmloom.cli.common import current_access, err, open_store, requires, store_root
 from lmloom.errors import ConfigError, LmloomError
 
 
@@ -31,6 +31,13 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option("--model-name", help="Model name clients use [default: the artifact id].")
     ] = None,
+    override_gates: Annotated[
+        bool,
+        typer.Option(
+            "--override-gates",
+            help="Serve a checkpoint that has not passed the store's release gates (audited).",
+        ),
+    ] = False,
 ) -> None:
     """Serve an OpenAI-compatible API behind the security gateway (API keys, limits, filters, audit).
 
@@ -45,7 +52,13 @@ def serve(
         raise ConfigError(f"--upstream {upstream!r}: expected an http(s):// base URL")
     settings = load_gateway_config(config, host=host, port=port)
     root = store_root()
-    target = upstream if upstream is not None else _in_process_app(artifact, model_name)
+    opened = None
+    if artifact is not None:  # the release gates, when the store's gates.yaml requires them
+        from lmloom.evaluate.gates import check_release_gates
+
+        principal = current_access().principal
+        opened = check_release_gates(open_store(), artifact, override_gates, principal, action="serve")
+    target = upstream if upstream is not None else _in_process_app(opened, model_name)
     app = create_gateway(target, settings, root)
     if not ApiKeyStore.for_store(root).records():
         err.print(
@@ -67,7 +80,7 @@ def serve(
     )
 
 
-def _in_process_app(artifact: str, model_name: str | None):
+def _in_process_app(opened, model_name: str | None):
     try:
         from lmloom.serve.api import create_app
         from lmloom.serve.engine import Engine
@@ -77,7 +90,6 @@ def _in_process_app(artifact: str, model_name: str | None):
         ) from None
     from lmloom.serve.loading import load_checkpoint_artifact
 
-    opened = open_store().open(artifact)
     model, tokenizer = load_checkpoint_artifact(opened)
     name = model_name or opened.short_id
     engine = Engine(model, tokenizer, model_name=name).start()

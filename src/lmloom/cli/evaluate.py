@@ -1,0 +1,138 @@
+"""`lmloom evaluate`: bias and robustness reports on a checkpoint, and the release gates that decide whether
+it may be served or exported (`lmloom.evaluate.gates`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lmloom.cli.common import current_access, err, open_store, out, requires, store_root
+
+app = typer.Typer(help="Evaluate a checkpoint: bias probes, robustness, release gates.", no_args_is_help=True)
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint artifact id (a unique prefix is enough).")]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.")]
+
+
+def _table(title: str, columns, rows) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+
+
+def _open_checkpoint(model: str):
+    from lmloom.errors import LmloomError
+
+    store = open_store()
+    artifact = store.open(model)
+    if artifact.kind != "checkpoint":
+        raise LmloomError(f"artifact {artifact.short_id} is a {artifact.kind}, not a checkpoint")
+    return store, artifact
+
+
+def _audit(event: str, artifact, **fields) -> None:
+    from lmloom.security.context import store_audit_log
+
+    store_audit_log(store_root()).append(event, current_access().principal, artifact=artifact.id, **fields)
+
+
+@app.command("bias")
+@requires("evaluate", action="evaluate bias")
+def bias(
+    model: ModelArg,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Greedy tokens per continuation.")] = 16,
+    json_path: JsonOpt = None,
+) -> None:
+    """Counterfactual bias probes: log-likelihood and sentiment gaps across swapped demographic terms."""
+    from lmloom.evaluate.bias import BIAS_COLUMNS, bias_report, bias_table
+    from lmloom.serve.loading import load_checkpoint_artifact
+
+    _, artifact = _open_checkpoint(model)
+    report = bias_report(*load_checkpoint_artifact(artifact), max_new_tokens=max_new_tokens)
+    _audit("evaluate.bias", artifact, logprob_max_gap=report["logprob_max_gap"])
+    _table(
+        f"Bias probes, checkpoint {artifact.short_id} ({report['templates']} templates)",
+        BIAS_COLUMNS,
+        bias_table(report),
+    )
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@app.command("robustness")
+@requires("evaluate", action="evaluate robustness")
+def robustness(
+    model: ModelArg,
+    seed: Annotated[int, typer.Option(help="Seeds the perturbations.")] = 0,
+    max_windows: Annotated[int, typer.Option(min=1, help="Held-out windows per perturbation.")] = 32,
+    json_path: JsonOpt = None,
+) -> None:
+    """Loss, next-token accuracy (and refusal rate for chat models) under typos, casing, whitespace,
+    paraphrases and adversarial suffixes."""
+    from lmloom.evaluate.gates import heldout_documents, is_chat_model
+    from lmloom.evaluate.robustness import ROBUSTNESS_COLUMNS, robustness_report, robustness_table
+    from lmloom.serve.loading import load_checkpoint_artifact
+
+    store, artifact = _open_checkpoint(model)
+    docs, source = heldout_documents(store, artifact)
+    report = robustness_report(
+        *load_checkpoint_artifact(artifact),
+        docs,
+        chat=is_chat_model(artifact.manifest),
+        seed=seed,
+        max_windows=max_windows,
+        source=source,
+    )
+    _audit("evaluate.robustness", artifact, max_drop=report["max_drop"])
+    _table(
+        f"Robustness, checkpoint {artifact.short_id} (text: {source})",
+        ROBUSTNESS_COLUMNS,
+        robustness_table(report),
+    )
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@app.command("gates")
+@requires("evaluate", action="evaluate gates")
+def gates(
+    model: ModelArg,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="Gates config YAML [default: <store>/gates.yaml, else built-in defaults]."
+        ),
+    ] = None,
+) -> None:
+    """Run the release gates on a checkpoint; the result is a signed `gate-report` artifact. Exits 1 when
+    a check fails (serve and export refuse the model when the store's gates.yaml says `required: true`)."""
+    from lmloom.context import RunContext
+    from lmloom.evaluate.gates import (
+        GATE_COLUMNS,
+        GATES,
+        POLICY_FILE,
+        GatesConfig,
+        gates_table,
+        load_gates_file,
+    )
+    from lmloom.pipeline import ARTIFACT_REF, PlannedStep, run_plan
+
+    store, artifact = _open_checkpoint(model)
+    path = config or (store.root / POLICY_FILE if (store.root / POLICY_FILE).is_file() else None)
+    cfg = load_gates_file(path) if path else GatesConfig()
+    ctx = RunContext(store, console=err, access=current_access())
+    step = PlannedStep("gates", GATES, cfg, {"checkpoint": f"{ARTIFACT_REF}{artifact.id}"})
+    [result] = run_plan([step], ctx)
+    report = result.artifact.read_json("gate-report.json")
+    verdict = "[green]PASSED[/green]" if report["passed"] else "[red]NOT PASSED[/red]"
+    _table(f"Release gates, checkpoint {artifact.short_id}", GATE_COLUMNS, gates_table(report))
+    out.print(f"gate report {result.artifact.short_id}: {verdict}" + (" (reused)" if result.reused else ""))
+    if not report["passed"]:
+        raise typer.Exit(1)
