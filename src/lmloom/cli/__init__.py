@@ -15,6 +15,7 @@ from lmloom import __version__
 from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
 from lmloom.cli import evaluate as evaluate_cli
 from lmloom.cli import export as export_cli
+from lmloom.cli import report as report_cli
 from lmloom.cli import serve as serve_cli
 from lmloom.cli import tune as tune_cli
 from lmloom.cli.common import State, err, out
@@ -48,6 +49,7 @@ app.command()(serve_cli.serve)
 app.add_typer(tune_cli.tune_app, name="tune")
 app.add_typer(tune_cli.align_app, name="align")
 app.command()(tune_cli.chat)
+app.command()(report_cli.report)
 app.command("export")(export_cli.export)
 
 

@@ -55,6 +55,13 @@ def run(
         distributed.shutdown()
     if w.is_main:
         _print_run_summary(results, ctx.store.root)
+        from lmloom.monitor.report import write_run_report
+
+        try:  # the run is done and its artifacts are safe: a report problem is a warning, not a failure
+            report = write_run_report(results, ctx.store, include_audit=ctx.access.allows("read-audit"))
+            out.print(f"Report: [bold]{report}[/bold] (open it in a browser; it needs no network)")
+        except Exception as exc:  # noqa: BLE001
+            err.print(f"[yellow]warning:[/yellow] the run report could not be written: {exc}")
 
 
 def _print_run_summary(results, store_root: Path) -> None:

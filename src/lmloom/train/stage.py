@@ -6,7 +6,7 @@ trained checkpoint with the same tokenizer whose per-window loss orders a `curri
 Under torchrun (`torchrun --nproc_per_node N -m lmloom run RECIPE`) the stage runs on every rank with
 `parallel:` degrees (DDP, FSDP2, tensor and pipeline parallelism; `parallel.py`) and sharded DCP
 checkpoints (`dist_checkpoint.py`); rank 0 gathers the whole model and writes the artifact. How a run
-is launched is not part of what it computes: `parallel`, `threads` and `async_checkpoints` stay out of
+is launched is not part of what it computes: `parallel`, `threads`, `async_checkpoints` and `monitor` stay out of
 the stage key, so a run interrupted under one launch resumes under another (a DCP checkpoint saved by
 N ranks loads on M, torchrun with one process included).
 """
@@ -24,7 +24,7 @@ from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
 from lmloom.models.io import model_files, model_from_files
-from lmloom.monitor.metrics import JsonlMetrics
+from lmloom.monitor.sinks import MonitorConfig, open_sinks
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
 from lmloom.tokenizers.loader import WindowLoader, validation_batches
@@ -80,6 +80,9 @@ class PretrainConfig(LoopConfig):
     )
     async_checkpoints: bool = Field(
         False, description="under torchrun: write DCP checkpoints in the background"
+    )
+    monitor: MonitorConfig = Field(
+        default_factory=MonitorConfig, description="TensorBoard, a Prometheus endpoint, resource sampling"
     )
 
     @model_validator(mode="after")
@@ -188,8 +191,13 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         return validation_batches(val, seq_len, config.batch_size, max_windows=limit)
 
     # Every rank logs (to its own file); rank 0's is the run's.
-    metrics = JsonlMetrics(
-        ctx.work_dir / ("metrics.jsonl" if launch.is_main else f"metrics.rank{launch.rank}.jsonl")
+    metrics = open_sinks(
+        config.monitor,
+        ctx.work_dir / ("metrics.jsonl" if launch.is_main else f"metrics.rank{launch.rank}.jsonl"),
+        store_root=ctx.store.root,
+        step_name=ctx.step,
+        main=launch.is_main,
+        console_log=ctx.log,
     )
     # An encrypted run keeps its scratch checkpoints encrypted too (same keys as its artifacts).
     scratch_codecs = CheckpointCodecs.from_store_security(ctx.store.security) if ctx.encrypt else None
@@ -211,6 +219,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             n_layers=model_cfg.n_layers,
             runner=runner,
         )
+    metrics.close()
     if runner is not None:  # gather the whole model on rank 0, which writes the artifact
         full = runner.full_state(trained)
         if not launch.is_main:
@@ -238,6 +247,8 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         if tok_art.has(name):
             out.copy_from(tok_art, name)
     out.write_bytes("metrics.jsonl", metrics.path.read_bytes())
+    if (ctx.work_dir / "resources.jsonl").exists():  # the resource sampler's, for the run report
+        out.write_bytes("resources.jsonl", (ctx.work_dir / "resources.jsonl").read_bytes())
     out.metadata.update(
         parameters=model.num_params(),
         model=model_cfg.model_dump(mode="json"),
@@ -393,7 +404,7 @@ PRETRAIN = Stage(
     extra_inputs="shards",  # further shards = further tasks of a multi-task mixture
     optional_inputs={REFERENCE: "checkpoint"},  # the reference model of curriculum.by = reference
     distributed=True,  # runs on every rank of a torchrun launch
-    launch_fields=("parallel", "threads", "async_checkpoints"),
+    launch_fields=("parallel", "threads", "async_checkpoints", "monitor"),
     permissions=("train",),
     summary=summary,
     description="pre-train a decoder-only transformer on token shards (resumable)",
