@@ -389,32 +389,28 @@ def test_write_run_report_for_lmloom_run(run_store):
     assert "Security events" in page
 
 
-def test_the_training_loop_takes_a_multisink(run_store, tmp_path, monkeypatch):
-    """What wiring `monitor:` into train.pretrain does: the loop logs through open_sinks' MultiSink."""
+def test_the_training_loop_takes_a_multisink(run_store, tmp_path):
+    """train.pretrain's `monitor:` block: the loop logs through open_sinks' MultiSink (TensorBoard and the
+    resource sampler here); metrics.jsonl stays free of resource samples, and the stage key is unchanged."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    import lmloom.train.stage
 
     store_root, results = run_store
     store_copy = tmp_path / "store"
     shutil.copytree(store_root, store_copy)
-    opened = []
-
-    def monitored(path):
-        config = MonitorConfig(tensorboard=True, resources=True, resource_interval_s=0.05)
-        opened.append(open_sinks(config, path, store_root=tmp_path, step_name="pretrain"))
-        return opened[-1]
-
-    monkeypatch.setattr(lmloom.train.stage, "JsonlMetrics", monitored)
     ids = {r.name: r.artifact.id for r in results}
     spec = tiny_recipe(tmp_path).stages["pretrain"].model_dump()
     spec["inputs"] = {"shards": f"artifact:{ids['shards']}", "tokenizer": f"artifact:{ids['tokenizer']}"}
     spec["config"]["max_steps"] = 4
+    spec["config"]["monitor"] = {
+        "tensorboard": True,
+        "tensorboard_dir": str(tmp_path / "tensorboard" / "pretrain"),
+        "resources": True,
+        "resource_interval_s": 0.05,
+    }
     recipe = Recipe.model_validate({"name": "monitored", "stages": {"pretrain": spec}})
     store = ArtifactStore(store_copy, security=store_security(store_copy))
     (result,) = run_recipe(recipe, RunContext(store))
-    opened[0].close()
     logged = [json.loads(line) for line in result.artifact.lines("metrics.jsonl")]
     assert [r["step"] for r in logged] == [1, 2, 3, 4] and "resource/cpu_percent" not in logged[0]
     acc = EventAccumulator(str(tmp_path / "tensorboard" / "pretrain"))
