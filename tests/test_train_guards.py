@@ -93,3 +93,30 @@ def test_nan_and_spike_roll_back_skip_the_batch_and_the_run_finishes(tmp_path):
     steps = [r["step"] for r in rows if "loss" in r and "event" not in r]
     assert steps == list(range(1, 25))
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r and "event" not in r)
+
+
+def test_fp16_trains_with_a_gradient_scaler(tmp_path):
+    """precision fp16: autocast to float16 with a GradScaler; the loss falls and the scale is logged."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig.preset("tiny", vocab_size=VOCAB, seq_len=SEQ))
+    cfg = LoopConfig(
+        batch_size=BATCH,
+        max_steps=12,
+        precision="fp16",
+        compile=False,
+        checkpoint_every=100,
+        eval_every=100,
+        eval_windows=1,
+        final_eval_windows=1,
+        log_every=1,
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+    )
+    data = Patterned()
+    val = [data.batch(10_000, BATCH)]
+    metrics = JsonlMetrics(tmp_path / "metrics.jsonl")
+    result = train_loop(
+        model, build_optimizer(model, cfg.optim), data, lambda n: val, cfg, SEQ, tmp_path / "ckpt", metrics
+    )
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert result.state.step == 12 and all("loss_scale" in r for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] and math.isfinite(result.val_loss)
