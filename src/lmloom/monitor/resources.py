@@ -267,6 +267,10 @@ class ResourceSampler:
         if self._thread is not None:
             self._thread.join(timeout=self.interval_s + 5)
             self._thread = None
+            try:  # one last reading, so even a run shorter than the interval has its resources logged
+                self.sample()
+            except Exception as exc:  # noqa: BLE001
+                self.errors.append(f"{type(exc).__name__}: {exc}")
 
     def __enter__(self) -> ResourceSampler:
         return self.start()

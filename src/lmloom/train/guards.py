@@ -47,7 +47,11 @@ class TrainingDiverged(LmloomError):
 
 class StabilityGuard(StrictConfig):
     enabled: bool = Field(True, description="check every step's loss and gradient norm")
-    spike_zscore: float = Field(6.0, gt=0, description="flag a loss this many std above the window mean")
+    spike_zscore: float | None = Field(
+        None,
+        gt=0,
+        description="flag a loss this many std above the window mean (e.g. 6; None = NaN/Inf checks only)",
+    )
     window: int = Field(50, ge=2, description="trailing good steps the mean and std are taken over")
     min_history: int = Field(10, ge=2, description="good steps needed before spikes are judged")
     std_floor: float = Field(
@@ -99,7 +103,7 @@ class StabilityMonitor:
             kind = "nonfinite_grad"
         else:
             z = self.zscore(loss)
-            if z is not None and z > self.cfg.spike_zscore:
+            if z is not None and self.cfg.spike_zscore is not None and z > self.cfg.spike_zscore:
                 kind = "loss_spike"
         if kind is None:
             self.history.append(float(loss))

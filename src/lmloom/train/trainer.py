@@ -214,6 +214,17 @@ def train_loop(
                 f"training loss became {train_loss} at step {state.step + 1}; lower optim.lr"
             )
         event = monitor.check(state.step, train_loss, judged_norm, batch=(first_sample, state.sample))
+        if event is not None and event["kind"] == "loss_spike" and runner.latest() is None:
+            # Nothing to roll back to: skipping batches would leave the same weights facing the same
+            # spike. The event is logged and the step taken; the loss joins the guard's history.
+            event["action"] = "no_checkpoint_continue"
+            monitor.history.append(train_loss)
+            details = {k: v for k, v in event.items() if k not in ("kind", "step")}
+            metrics.log(state.step, event=event["kind"], flagged_step=event["step"] + 1, **details)
+            log(
+                f"step {event['step'] + 1}: {event['kind']} (loss {event['loss']}); no checkpoint yet, continuing"
+            )
+            event = None
         if event is not None:
             optimizer.zero_grad(set_to_none=True)
             good = runner.latest()
