@@ -44,7 +44,7 @@ def one_thread():
 
 
 def _fed(losses, **cfg) -> StabilityMonitor:
-    monitor = StabilityMonitor(StabilityGuard(**cfg))
+    monitor = StabilityMonitor(StabilityGuard(**{"spike_zscore": 6.0, **cfg}))
     for step, loss in enumerate(losses, 1):
         assert monitor.check(step, loss) is None
     return monitor
