@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 TOLERANCE = 2e-5
 HERE = Path(__file__).parent
@@ -170,4 +171,26 @@ def test_killed_rank_stops_the_launch_and_the_run_resumes_on_another_world_size(
     metadata = json.loads((trained(store) / "manifest.json").read_text())["metadata"]
     assert metadata["resumed_from_step"] == int(complete[-1].split("-")[1]) > 0
     assert metadata["processes"] == after
+    assert_same_losses(losses(store), reference)
+
+
+def test_lmloom_train_on_existing_shards_under_torchrun(prepared, tmp_path):
+    """`lmloom train SHARDS` (the tokenizer found from the shards' lineage) with tensor parallelism gives
+    the recipe's single-process losses."""
+    recipe, base, reference = prepared
+    store = tmp_path / "store"
+    shutil.copytree(base, store)
+    shards = next(
+        m.parent.name
+        for m in (store / "artifacts").glob("*/manifest.json")
+        if json.loads(m.read_text())["kind"] == "shards"
+    )
+    config = yaml.safe_load(recipe.read_text())["stages"]["pretrain"]["config"]
+    sets = [f"{key}={json.dumps(value)}" for key, value in config.items()] + ["parallel.tp=2"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_port", str(free_port()), "--max-restarts", "0"]
+    cmd = [*launcher, "-m", "lmloom", "--store", str(store), "train", shards[:12]]
+    cmd += [arg for s in sets for arg in ("--set", s)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
     assert_same_losses(losses(store), reference)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from lmloom.cli.common import current_access, err, open_store, out, public, requires
+from lmloom.errors import ConfigError
 
 
 @requires()  # identify the principal; each stage checks its own permissions before it runs
@@ -31,14 +32,70 @@ def run(
     With no argument it runs the built-in `quickstart` recipe: Python's standard library ->
     cleaned corpus -> BPE tokenizer -> token shards -> pre-trained decoder -> samples.
     """
+    from lmloom.config import load_recipe
+
+    _run_recipe(load_recipe(recipe, set_ or []))
+
+
+@requires()  # the stage checks its own permission (train) before it runs
+def train(
+    shards: Annotated[str, typer.Argument(help="Token shards artifact id (a unique prefix is enough).")],
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer", help="Tokenizer artifact [default: the one the shards were encoded with]."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-s",
+            help="A train.pretrain config value KEY=VALUE (e.g. max_steps=500, parallel.dp_shard=8, "
+            "model.n_layers=8). Values are parsed as YAML. Repeatable.",
+        ),
+    ] = None,
+) -> None:
+    """Pre-train a decoder on existing token shards (the train.pretrain stage alone).
+
+    Under `torchrun --nproc_per_node N -m lmloom train SHARDS --set parallel.dp_shard=N` every rank
+    trains its part (DDP, FSDP2, tensor and pipeline parallelism; see `parallel.*` in `lmloom stages`).
+    Cached and resumable like a recipe step: the same command again reuses or resumes it.
+    """
+    from lmloom.config import Recipe, apply_override, format_validation_error
+
+    store = open_store()
+    shards_id = store.resolve(shards)
+    if tokenizer is None:
+        tokenizer = store.read_manifest(shards_id).inputs.get("tokenizer")
+        if tokenizer is None:
+            raise ConfigError(f"artifact {shards_id[:12]} records no tokenizer; pass --tokenizer")
+    inputs = {"shards": f"artifact:{shards_id}", "tokenizer": f"artifact:{store.resolve(tokenizer)}"}
+    raw = {
+        "name": f"train-on-{shards_id[:12]}",
+        "description": f"train.pretrain on shards {shards_id[:12]}",
+        "stages": {"pretrain": {"stage": "train.pretrain", "inputs": inputs, "config": {}}},
+    }
+    for override in set_ or []:
+        top = override.split("=", 1)[0].split(".")[0]
+        apply_override(raw, override if top in Recipe.model_fields else f"pretrain.{override}")
+    try:
+        from pydantic import ValidationError
+
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "", Recipe)) from None
+    _run_recipe(recipe)
+
+
+def _run_recipe(loaded) -> None:
+    """Plan, run (on every rank under torchrun), print the summary and write the run report."""
     from rich.console import Console
 
     from lmloom import distributed
-    from lmloom.config import load_recipe
     from lmloom.context import RunContext
     from lmloom.pipeline import plan, run_plan
 
-    loaded = load_recipe(recipe, set_ or [])
     steps = plan(loaded)  # every config is validated before anything runs
     w = distributed.init()  # under torchrun: join the group; every rank runs this same plan
     # One voice: ranks other than 0 keep quiet (their errors still reach stderr through the CLI).
