@@ -171,8 +171,8 @@ def test_stages_are_registered_with_the_train_permission():
         )
 
 
-def test_the_chat_recipe_plans():
-    steps = [step.name for step in plan(load_recipe("chat"))]
+def test_the_default_recipe_goes_on_to_sft_and_dpo():
+    steps = [step.name for step in plan(load_recipe("quickstart"))]
     assert steps[-2:] == ["sft", "dpo"] or {"sft", "dpo"} <= set(steps)
 
 
