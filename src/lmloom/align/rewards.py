@@ -33,6 +33,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -204,6 +205,10 @@ def run_sandboxed(
         if line.startswith(nonce):
             data = json.loads(line[len(nonce) :])
             return SandboxResult(**data)
+    if proc.returncode in (-signal.SIGKILL, -signal.SIGXCPU):
+        # The CPU-seconds limit (equal to the timeout) fired before the wall clock did: on an idle
+        # machine a busy loop reaches it first. Either way the program ran out of time.
+        return SandboxResult(True, False, 0, len(tests), f"timed out after {timeout:g}s", timed_out=True)
     why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][:200]
     return SandboxResult(True, False, 0, len(tests), f"no verdict: {why}")
 
