@@ -130,6 +130,12 @@ def test_hf_export_loads_in_transformers_with_equal_logits_and_tokens(run, tmp_p
     with torch.no_grad():
         assert torch.allclose(theirs(x).logits, ours(x), atol=1e-4, rtol=0)
     assert theirs.config.eos_token_id == 1 and theirs.config.num_key_value_heads == 2
+    # The chat template travels with the export: transformers renders a prompt exactly as lmloom does.
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a set?"}]
+    from lmloom.tune.chat import render_prompt
+
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_prompt(messages)
 
 
 # -- GGUF -----------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder
 from lmloom.models.io import model_from_files
-from lmloom.tokenizers.base import ALL_TOKENIZER_FILES, TextTokenizer
+from lmloom.tokenizers.base import ALL_TOKENIZER_FILES, TOKENIZER_CONFIG_FILE, TextTokenizer
 from lmloom.tokenizers.loading import load_tokenizer
 
 SHARDS = "shards"  # the optional input role of validation shards
@@ -24,18 +25,30 @@ def load_checkpoint(artifact) -> tuple[Decoder, TextTokenizer]:
     return model_from_files(artifact.read_bytes).float().eval(), load_tokenizer(artifact)
 
 
-def copy_tokenizer_files(checkpoint, tokenizer: TextTokenizer, out) -> list[str]:
-    """Copy the checkpoint's tokenizer files; add any the tokenizer's own format has that it lacks."""
+def copy_tokenizer_files(
+    checkpoint, tokenizer: TextTokenizer, out, config_extra: dict | None = None
+) -> list[str]:
+    """Copy the checkpoint's tokenizer files; add any the tokenizer's own format has that it lacks.
+    `config_extra` adds fields to `tokenizer_config.json` (e.g. the chat template)."""
     written = []
     for name in ALL_TOKENIZER_FILES:
         if checkpoint.has(name):
-            out.copy_from(checkpoint, name)
+            if name == TOKENIZER_CONFIG_FILE and config_extra:
+                out.write_bytes(name, _with_fields(checkpoint.read_bytes(name), config_extra))
+            else:
+                out.copy_from(checkpoint, name)
             written.append(name)
     for name, data in tokenizer.files().items():
         if name not in written:
+            if name == TOKENIZER_CONFIG_FILE and config_extra:
+                data = _with_fields(data, config_extra)
             out.write_bytes(name, data)
             written.append(name)
     return sorted(written)
+
+
+def _with_fields(config_json: bytes, fields: dict) -> bytes:
+    return (json.dumps({**json.loads(config_json), **fields}, indent=2) + "\n").encode("utf-8")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from lmloom.export.common import copy_tokenizer_files, load_checkpoint
 from lmloom.models.hf_dir import HF_CONFIG, HF_WEIGHTS
 from lmloom.models.hf_llama import hf_config_dict, to_hf_state_dict
 from lmloom.stages import Stage
+from lmloom.tune.chat import CHAT_TEMPLATE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -53,7 +54,8 @@ def run(config: HfExportConfig, inputs, ctx, out) -> None:
     out.write_bytes(HF_CONFIG, (json.dumps(fields, indent=2) + "\n").encode("utf-8"))
     # metadata "pt": transformers checks it to know the tensors were saved from PyTorch.
     out.write_bytes(HF_WEIGHTS, save_safetensors(tensors, metadata={"format": "pt"}))
-    tokenizer_files = copy_tokenizer_files(checkpoint, tokenizer, out)
+    # The chat template the model was fine-tuned with, so `apply_chat_template` prompts it the same way.
+    tokenizer_files = copy_tokenizer_files(checkpoint, tokenizer, out, {"chat_template": CHAT_TEMPLATE})
     out.metadata.update(
         format="huggingface",
         architecture="LlamaForCausalLM",
