@@ -58,7 +58,6 @@ from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.serve.generate import filter_logits
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES, EOS_ID, PAD_ID, TextTokenizer
-from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.guards import StabilityGuard
 from lmloom.train.optim import OptimConfig, build_optimizer
@@ -66,7 +65,14 @@ from lmloom.train.trainer import LoopConfig, autocast, train_loop
 from lmloom.tune.chat import END_MARKER, ChatFormatError, encode_prompt, reply_text
 from lmloom.tune.formats import LoadReport
 from lmloom.tune.safety import load_safety_set
-from lmloom.tune.stage import BUILTIN, builtin_instructions, data_fingerprint, format_safety, unit_hash
+from lmloom.tune.stage import (
+    BUILTIN,
+    builtin_instructions,
+    data_fingerprint,
+    format_safety,
+    open_checkpoint,
+    unit_hash,
+)
 
 PAD_MULTIPLE = 16
 _MARKER_TAIL = 16  # tokens decoded to look for the end marker (it is several tokens)
@@ -487,11 +493,7 @@ def run(config: GRPOStageConfig, inputs, ctx, out) -> None:
     from lmloom.tune.stage import safety_figures
 
     checkpoint = inputs["checkpoint"]
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(checkpoint)
-    policy = model_from_files(checkpoint.read_bytes).train()
+    tokenizer, policy = open_checkpoint(config, checkpoint)
     reference = None
     if config.beta > 0:
         reference = model_from_files(checkpoint.read_bytes).eval().requires_grad_(False)

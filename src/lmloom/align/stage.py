@@ -44,7 +44,6 @@ from lmloom.models.io import model_files, model_from_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES, EOS_ID, PAD_ID, TextTokenizer
-from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.optim import OptimConfig, build_optimizer
 from lmloom.train.trainer import LoopConfig, autocast, train_loop
@@ -55,6 +54,7 @@ from lmloom.tune.stage import (
     builtin_instructions,
     data_fingerprint,
     format_safety,
+    open_checkpoint,
     safety_figures,
     unit_hash,
 )
@@ -351,11 +351,7 @@ def reward_model_from_files(read_bytes: Callable[[str], bytes]) -> RewardModel:
 
 def run_reward(config: RewardConfig, inputs, ctx, out) -> None:
     checkpoint = inputs["checkpoint"]
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(checkpoint)
-    trunk = model_from_files(checkpoint.read_bytes).train()
+    tokenizer, trunk = open_checkpoint(config, checkpoint)
     cap = trunk.config.seq_len
     train, held, report = preference_data(config, tokenizer, cap)
     ctx.log(report.summary().replace("\n", "; "))
@@ -489,11 +485,7 @@ def precompute_reference(
 
 def run_dpo(config: DPOConfig, inputs, ctx, out) -> None:
     checkpoint = inputs["checkpoint"]
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(checkpoint)
-    policy = model_from_files(checkpoint.read_bytes).train()
+    tokenizer, policy = open_checkpoint(config, checkpoint)
     reference = model_from_files(checkpoint.read_bytes).eval().requires_grad_(False)
     cap = policy.config.seq_len
     train, held, report = preference_data(config, tokenizer, cap)

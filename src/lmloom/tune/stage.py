@@ -314,13 +314,18 @@ def adapt_model(
 # -- the stage --------------------------------------------------------------------------------------
 
 
-def run(config: SFTConfig, inputs, ctx, out) -> None:
-    checkpoint = inputs["checkpoint"]
+def open_checkpoint(config, checkpoint):
+    """(tokenizer, model in train mode) of the input checkpoint, after applying the stage's `threads`
+    and `seed`: how every fine-tuning and alignment stage starts."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(checkpoint)
-    base = model_from_files(checkpoint.read_bytes).train()
+    return load_tokenizer(checkpoint), model_from_files(checkpoint.read_bytes).train()
+
+
+def run(config: SFTConfig, inputs, ctx, out) -> None:
+    checkpoint = inputs["checkpoint"]
+    tokenizer, base = open_checkpoint(config, checkpoint)
     before, rows_before = (
         safety_figures(base, tokenizer, config.safety_max_new_tokens) if config.safety_eval else (None, [])
     )
