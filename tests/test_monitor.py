@@ -141,10 +141,14 @@ def test_open_sinks_from_a_monitor_block(tmp_path):
     try:
         prom = next(s for s in sinks.sinks if isinstance(s, PrometheusSink))
         sinks.log(1, loss=2.0)
+        # The JSONL file is created when the sink opens, before the first sample: wait on the
+        # endpoint itself until the sampler's first reading has reached it.
         deadline = time.monotonic() + 10
-        while not (tmp_path / "work" / "resources.jsonl").exists() and time.monotonic() < deadline:
+        while True:
+            text = urllib.request.urlopen(prom.url, timeout=5).read().decode()
+            if "lmloom_resource_ram_percent" in text or time.monotonic() > deadline:
+                break
             time.sleep(0.05)
-        text = urllib.request.urlopen(prom.url, timeout=5).read().decode()
     finally:
         sinks.close()
     assert "lmloom_resource_ram_percent" in text and "lmloom_loss" in text
