@@ -26,6 +26,8 @@ class RunContext:
     # passed here is a label in single-user mode and must match the policy's principal otherwise.
     principal: str = ""
     access: Access | None = None
+    # Extra metric sinks by recipe step name, handed to that step's stage (a sweep's pruning sink).
+    observers: dict[str, tuple] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.access is None:
@@ -38,7 +40,8 @@ class RunContext:
 
     def for_stage(self, step: str, stage_key: str, encrypt: bool = False) -> StageContext:
         work_dir = self.store.work_dir(stage_key)
-        return StageContext(self.store, self.console, self.principal, step, work_dir, encrypt)
+        observers = tuple(self.observers.get(step, ()))
+        return StageContext(self.store, self.console, self.principal, step, work_dir, encrypt, observers)
 
 
 @dataclass
@@ -49,6 +52,7 @@ class StageContext:
     step: str  # the recipe's name for this stage, e.g. "pretrain"
     work_dir: Path  # survives interruption; the same stage key finds it again on re-run
     encrypt: bool = False  # the run encrypts at rest: scratch files in work_dir must be encrypted too
+    observers: tuple = ()  # metric sinks to add to the stage's own (lmloom.monitor.sinks.MetricSink)
 
     def progress(self, total: float | None, description: str, unit: str = "it"):
         return progress_bar(self.console, total, f"{self.step}: {description}", unit)

@@ -169,6 +169,16 @@ def _ids(inputs: dict[str, Artifact]) -> dict[str, str]:
     return {role: artifact.id for role, artifact in inputs.items()}
 
 
+def _outcome_of(exc: BaseException) -> str:
+    """How a failed stage ended, for its `stage.end` audit entry: a sink asking the run to stop (a
+    sweep pruning a trial) is a decision, not an error, and the run report does not list it as one."""
+    from lmloom.monitor.sinks import StopRun
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return "stopped" if isinstance(exc, StopRun) else "error"
+
+
 def run_step(
     step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext, publish: bool = True
 ) -> StepResult:
@@ -224,7 +234,7 @@ def run_step(
     except BaseException as exc:
         if out is not None:
             out.abort()
-        outcome = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+        outcome = _outcome_of(exc)
         audit("stage.end", outcome=outcome, error=f"{type(exc).__name__}: {exc}"[:500], seconds=elapsed())
         raise
     # The scratch state is only for resuming (under torchrun, removed once every rank is past it).

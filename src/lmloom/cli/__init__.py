@@ -17,6 +17,7 @@ from lmloom.cli import evaluate as evaluate_cli
 from lmloom.cli import export as export_cli
 from lmloom.cli import report as report_cli
 from lmloom.cli import serve as serve_cli
+from lmloom.cli import sweep as sweep_cli
 from lmloom.cli import tune as tune_cli
 from lmloom.cli.common import State, err, out
 from lmloom.errors import LmloomError
@@ -45,6 +46,7 @@ app.command()(run.run)
 app.command()(run.train)
 app.command()(run.recipes)
 app.command()(run.stages)
+app.command()(sweep_cli.sweep)
 app.command()(generate.generate)
 app.command()(serve_cli.serve)
 app.add_typer(tune_cli.tune_app, name="tune")

@@ -339,7 +339,7 @@ def is_security_event(entry: dict[str, Any]) -> bool:
     event = str(entry.get("event", ""))
     if event.startswith(("security.", "trust.", "signing.")) or event in ("artifact.signed", "data.export"):
         return True
-    if event == "stage.end" and entry.get("outcome", "ok") != "ok":
+    if event == "stage.end" and entry.get("outcome", "ok") not in ("ok", "stopped"):
         return True
     return any(word in event for word in SECURITY_WORDS)
 

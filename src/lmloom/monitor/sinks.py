@@ -54,6 +54,12 @@ def scalars(values: Mapping[str, Any]) -> dict[str, float]:
     return found
 
 
+class StopRun(Exception):
+    """Raised by a sink that wants the run to stop (a sweep pruning a trial): `MultiSink` lets it
+    through instead of dropping the sink, and the trainer does not catch it, so the stage ends there
+    and the pipeline discards its unfinished output."""
+
+
 class MetricSink:
     """Where metrics go. Subclasses implement `log`; `event` and `close` default to doing nothing."""
 
@@ -322,6 +328,8 @@ class MultiSink(MetricSink):
                 continue
             try:
                 call(*args, **kwargs)
+            except StopRun:
+                raise
             except Exception as exc:  # noqa: BLE001  (a monitoring failure must not end a training run)
                 if isinstance(sink, JsonlMetrics):
                     raise  # the run's own record: losing it silently is not acceptable
@@ -372,13 +380,15 @@ def open_sinks(
     step_name: str = "run",
     main: bool = True,
     console_log=None,
+    observers: Iterable[MetricSink] = (),
 ) -> MultiSink:
     """The sinks a `monitor:` block asks for, behind one MultiSink whose JSONL sink is `jsonl_path`.
 
     Only the main process (`main`, rank 0 under torchrun) adds TensorBoard, Prometheus, MLflow and the
     resource sampler; other ranks get their JSONL file alone. With resources on, the sampler's
     `resource/*` scalars go to the other sinks and to `resources.jsonl` beside `jsonl_path`, never into
-    the run's metrics.jsonl (which resume compares exactly).
+    the run's metrics.jsonl (which resume compares exactly). `observers` (the stage context's, e.g. a
+    sweep's pruning sink) see every record after the JSONL sink, on the main process only.
     """
     config = config or MonitorConfig()
     jsonl = JsonlSink(jsonl_path)
@@ -398,7 +408,7 @@ def open_sinks(
             extra.append(MlflowSink(run_name=step_name))
         elif console_log is not None:
             console_log("monitor.mlflow is set but mlflow is not installed; not logging to MLflow")
-    multi = MultiSink([jsonl, *extra])
+    multi = MultiSink([jsonl, *extra, *(observers if main else ())])
     if main and config.resources:
         from lmloom.monitor.resources import ResourceSampler
 

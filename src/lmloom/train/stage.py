@@ -198,11 +198,12 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
         step_name=ctx.step,
         main=launch.is_main,
         console_log=ctx.log,
+        observers=getattr(ctx, "observers", ()),
     )
     # An encrypted run keeps its scratch checkpoints encrypted too (same keys as its artifacts).
     scratch_codecs = CheckpointCodecs.from_store_security(ctx.store.security) if ctx.encrypt else None
     quiet = ctx.console.is_terminal  # the bar shows progress; log lines are for logs and CI
-    with ctx.progress(config.max_steps, "pretraining") as bar:
+    with metrics, ctx.progress(config.max_steps, "pretraining") as bar:  # closed however it ends
         result = train_loop(
             trained,
             optimizer,
@@ -219,7 +220,6 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
             n_layers=model_cfg.n_layers,
             runner=runner,
         )
-    metrics.close()
     if runner is not None:  # gather the whole model on rank 0, which writes the artifact
         full = runner.full_state(trained)
         if not launch.is_main:
