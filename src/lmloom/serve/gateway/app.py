@@ -2,11 +2,11 @@
 
     request ─▶ classify route ─▶ API key (401) ─▶ endpoint scope (403) ─▶ body cap, UTF-8, JSON,
     schema, caps (413/400/422) ─▶ model scope (403) ─▶ injection heuristics (403 or flag) ─▶
-    rate limits (429 + Retry-After) ─▶ upstream (httpx, streaming kept) ─▶ output filter ─▶ client
+    rate limits (429 + Retry-After) ─▶ upstream (pooled keep-alive, streaming kept) ─▶ output filter ─▶ client
 
 Deny by default: every path but `/livez` needs a valid key whose scope holds the route's endpoint
 (`chat`, `completions`, `embeddings`, `models`, `tokenize`, `metrics`, `health`, or `other` for
-anything the gateway does not name); FastAPI's docs and OpenAPI routes are off. `/metrics` serves the
+anything the gateway does not name); there are no docs or OpenAPI routes. `/metrics` serves the
 gateway's own metrics (a separate Prometheus registry), not the upstream's. `/v1/models` lists only
 the models the key may use. The client's key never reaches the upstream; the gateway presents its own
 (`upstream_api_key_env`) if one is configured.
@@ -28,17 +28,20 @@ import os
 import queue
 import threading
 import time
+import traceback
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-import httpx
-from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
+from starlette.datastructures import State
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmloom.errors import ConfigError, IntegrityError
 from lmloom.security.audit import AuditLog
@@ -48,7 +51,7 @@ from lmloom.serve.gateway.filters import OutputFilter, SseFilter
 from lmloom.serve.gateway.injection import InjectionScanner
 from lmloom.serve.gateway.keys import ApiKeyRecord, ApiKeyStore, AuthResult, KeyState
 from lmloom.serve.gateway.limits import RateLimiter
-from lmloom.serve.gateway.transport import StreamingASGITransport
+from lmloom.serve.gateway.transport import AsgiUpstream, HttpUpstream, UpstreamError, UpstreamResponse
 from lmloom.serve.gateway.validation import (
     SCHEMAS,
     ValidatedRequest,
@@ -70,10 +73,22 @@ _ROUTES = {
     "/v1/tokenize": "tokenize",
     "/v1/detokenize": "tokenize",
 }
-_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "transfer-encoding", "upgrade"}  # fmt: skip
-_REQUEST_DROP = _HOP | {"authorization", "host", "content-length", "cookie", "x-api-key", "accept-encoding"}
-_RESPONSE_DROP = _HOP | {"content-length", "content-encoding", "server", "date", "set-cookie"}
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD")
+_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailer",
+        b"transfer-encoding", b"upgrade"}  # fmt: skip
+_REQUEST_DROP = _HOP | {
+    b"authorization",
+    b"host",
+    b"content-length",
+    b"cookie",
+    b"x-api-key",
+    b"accept-encoding",
+}
+# content-encoding: the gateway asks for identity and refuses anything else, so the body is never encoded
+_RESPONSE_DROP = _HOP | {b"content-length", b"content-encoding", b"server", b"date", b"set-cookie",
+                         b"cache-control", b"x-content-type-options"}  # fmt: skip
+_SECURITY_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"  # what stays unescaped in the path forwarded upstream
 _AUTH_MESSAGES = {
     KeyState.MISSING: "missing API key: send it as 'Authorization: Bearer llm-<id>-<secret>'",
     KeyState.MALFORMED: "malformed API key: expected 'Authorization: Bearer llm-<id>-<secret>'",
@@ -170,35 +185,34 @@ class Gateway:
         self.metrics = Metrics()
         self.usage: dict[str, Counter[str]] = defaultdict(Counter)
         self.audit: AuditWriter | None = None
-        self.client: httpx.AsyncClient | None = None
-        self.upstream_key: str | None = None
+        self.client: HttpUpstream | AsgiUpstream | None = None
+        self.upstream_auth: bytes | None = None
         if config.upstream_api_key_env:
-            self.upstream_key = os.environ.get(config.upstream_api_key_env)
-            if not self.upstream_key:
+            upstream_key = os.environ.get(config.upstream_api_key_env)
+            if not upstream_key:
                 raise ConfigError(f"upstream_api_key_env: ${config.upstream_api_key_env} is not set")
+            try:
+                self.upstream_auth = f"Bearer {upstream_key}".encode("ascii")
+            except UnicodeEncodeError:
+                raise ConfigError(
+                    f"upstream_api_key_env: ${config.upstream_api_key_env} is not ASCII"
+                ) from None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(self, app: Any) -> AsyncIterator[None]:
         from lmloom.security.context import store_audit_log
 
         self.audit = AuditWriter(store_audit_log(self.store_root), self.config.audit_queue)
-        timeout = httpx.Timeout(self.config.upstream_timeout_s, connect=10.0)
         async with AsyncExitStack() as stack:
             if isinstance(self.upstream, str):
-                limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-                self.client = httpx.AsyncClient(
-                    base_url=self.upstream.rstrip("/"), timeout=timeout, limits=limits
-                )
+                self.client = HttpUpstream(self.upstream, timeout_s=self.config.upstream_timeout_s)
             else:
                 router = getattr(self.upstream, "router", None)
                 if router is not None and hasattr(router, "lifespan_context"):
                     await stack.enter_async_context(router.lifespan_context(self.upstream))
-                transport = StreamingASGITransport(self.upstream)
-                self.client = httpx.AsyncClient(
-                    transport=transport, base_url="http://upstream", timeout=timeout
-                )
+                self.client = AsgiUpstream(self.upstream)
             stack.push_async_callback(self.client.aclose)
             try:
                 yield
@@ -208,15 +222,30 @@ class Gateway:
 
     # -- the request path --------------------------------------------------------------------------
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(self, scope: Scope, receive: Receive) -> ASGIApp:
+        """Check one HTTP request and answer it; returns the response to send (an ASGI app)."""
         t0 = time.perf_counter()
-        route = classify(request.url.path)
-        log: dict[str, Any] = {"route": route, "method": request.method, "path": request.url.path[:200]}
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = classify(path)
+        log: dict[str, Any] = {"route": route, "method": method, "path": path[:200]}
         record: ApiKeyRecord | None = None
+        authorization = content_length = None
+        forward: dict[bytes, bytes] = {}  # request headers for the upstream (the last of repeated names)
+        for name, value in scope["headers"]:
+            name = name.lower()
+            if name == b"authorization":
+                if authorization is None:
+                    authorization = value.decode("latin-1")
+            elif name == b"content-length":
+                if content_length is None:
+                    content_length = value.decode("latin-1")
+            if name not in _REQUEST_DROP:
+                forward[name] = value
         try:
-            auth = self.keys.verify(_bearer(request))
+            auth = self.keys.verify(_bearer(authorization))
             if not auth.ok:
-                raise self._auth_error(auth, request, log)
+                raise self._auth_error(auth, scope, log)
             record = auth.record
             assert record is not None
             if not record.allows_endpoint(route):
@@ -231,9 +260,9 @@ class Gateway:
                 response = Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
                 self._done(record, log, 200, t0)
                 return response
-            validated, content = await self._check_body(request, route, record, log)
+            validated, content = await self._check_body(method, receive, content_length, route, record, log)
             self._rate_limit(record, validated)
-            return await self._forward(request, route, record, validated, content, log, t0)
+            return await self._forward(scope, forward, route, record, validated, content, log, t0)
         except GatewayError as error:
             self.metrics.rejections.labels(error.reason).inc()
             if record is not None:
@@ -244,12 +273,9 @@ class Gateway:
                     return audit_error.response()
             return error.response()
 
-    def _auth_error(self, auth: AuthResult, request: Request, log: dict[str, Any]) -> GatewayError:
-        fields = {
-            **log,
-            "reason": auth.state.value,
-            "client": request.client.host if request.client else None,
-        }
+    def _auth_error(self, auth: AuthResult, scope: Scope, log: dict[str, Any]) -> GatewayError:
+        client = scope.get("client")
+        fields = {**log, "reason": auth.state.value, "client": client[0] if client else None}
         if auth.key_id:
             fields["key"] = auth.key_id
         self.metrics.requests.labels("-", log["route"], "401").inc()
@@ -266,12 +292,13 @@ class Gateway:
         return GatewayError(403, message, type="permission_error", code=code)
 
     async def _check_body(
-        self, request: Request, route: str, record: ApiKeyRecord, log: dict[str, Any]
-    ) -> tuple[ValidatedRequest | None, bytes]:
-        if request.method not in ("POST", "PUT", "PATCH"):
+        self, method: str, receive: Receive, content_length: str | None, route: str, record: ApiKeyRecord,
+        log: dict[str, Any],
+    ) -> tuple[ValidatedRequest | None, bytes]:  # fmt: skip
+        if method not in ("POST", "PUT", "PATCH"):
             return None, b""
         cap = self.config.validation.max_body_bytes
-        body = await read_body(request.stream(), request.headers.get("content-length"), cap)
+        body = await read_body(_request_chunks(receive), content_length, cap)
         if not body and route not in SCHEMAS:
             return None, body
         validated = validate_request(
@@ -323,37 +350,42 @@ class Gateway:
         )
 
     async def _forward(
-        self, request: Request, route: str, record: ApiKeyRecord, validated: ValidatedRequest | None,
-        content: bytes, log: dict[str, Any], t0: float,
-    ) -> Response:  # fmt: skip
+        self, scope: Scope, forward: dict[bytes, bytes], route: str, record: ApiKeyRecord,
+        validated: ValidatedRequest | None, content: bytes, log: dict[str, Any], t0: float,
+    ) -> ASGIApp:  # fmt: skip
         assert self.client is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
-        if self.upstream_key:
-            headers["authorization"] = f"Bearer {self.upstream_key}"
-        url = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        upstream_request = self.client.build_request(request.method, url, headers=headers, content=content)
+        headers = [*forward.items(), (b"accept-encoding", b"identity")]
+        if self.upstream_auth:
+            headers.append((b"authorization", self.upstream_auth))
+        path = scope["path"]
+        target = _quote_path(path)
+        query = scope.get("query_string")
+        if query:
+            target += b"?" + query
         t_send = time.perf_counter()
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
-        except httpx.TimeoutException:
-            raise GatewayError(
-                504, "the upstream timed out", type="server_error", code="upstream_timeout"
-            ) from None
-        except httpx.HTTPError as exc:
-            raise GatewayError(502, f"the upstream is unreachable ({type(exc).__name__})", type="server_error",
-                               code="upstream_unreachable") from None  # fmt: skip
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _RESPONSE_DROP}
-        out_headers["Cache-Control"] = "no-store"
-        out_headers["X-Content-Type-Options"] = "nosniff"
-        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            upstream = await self.client.send(scope["method"], path, target, headers, content)
+        except UpstreamError as exc:
+            raise _upstream_error(exc) from None
+        encoding = upstream.header(b"content-encoding")
+        if encoding and encoding.lower() != "identity":  # identity was asked for; unreadable is not passed
+            await upstream.aclose()
+            raise GatewayError(502, f"the upstream sent an encoded body ({encoding[:40]}), which cannot be filtered",
+                               type="server_error", code="upstream_encoding")  # fmt: skip
+        out_headers = [(k, v) for k, v in upstream.headers if k not in _RESPONSE_DROP]
+        out_headers += _SECURITY_HEADERS
+        content_type = upstream.header(b"content-type")
+        if content_type.startswith("text/event-stream"):
             return self._stream(upstream, out_headers, route, record, validated, log, t0, t_send)
         try:
             body = await _read_capped(upstream, self.config.max_response_bytes)
+        except UpstreamError as exc:
+            raise _upstream_error(exc) from None
         finally:
             await upstream.aclose()
         t_upstream = time.perf_counter() - t_send
         usage, counts, blocked = {}, Counter(), None
-        if upstream.status_code < 400 and "json" in upstream.headers.get("content-type", ""):
+        if upstream.status_code < 400 and "json" in content_type:
             try:
                 data = json.loads(body)
             except ValueError:
@@ -371,12 +403,12 @@ class Gateway:
                 body = json.dumps(data, ensure_ascii=False).encode("utf-8")
         self._account(record, validated, usage, None, counts, blocked, log)
         self._done(record, log, upstream.status_code, t0, upstream_s=t_upstream, mode="plain")
-        return Response(body, status_code=upstream.status_code, headers=out_headers)
+        return _Reply(upstream.status_code, out_headers, body)
 
     def _stream(
-        self, upstream: httpx.Response, headers: dict[str, str], route: str, record: ApiKeyRecord,
+        self, upstream: UpstreamResponse, headers: list[tuple[bytes, bytes]], route: str, record: ApiKeyRecord,
         validated: ValidatedRequest | None, log: dict[str, Any], t0: float, t_send: float,
-    ) -> StreamingResponse:  # fmt: skip
+    ) -> ASGIApp:  # fmt: skip
         usage: dict[str, Any] = {}
 
         def on_chunk(chunk: dict[str, Any]) -> None:
@@ -385,28 +417,37 @@ class Gateway:
 
         sse = SseFilter(self.filter, on_chunk)
         pre = t_send - t0
+        finished = False
+
+        async def finish(status: int, error: str | None = None) -> None:  # once, however the stream ends
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            if error:
+                log.setdefault("error", error)
+            await upstream.aclose()
+            self._account(record, validated, usage, sse, sse.counts, sse.blocked, log)
+            try:
+                self._done(record, log, status, t0, added_s=pre, mode="stream")
+            except GatewayError:
+                pass  # the stream has been sent; the writer's failure refuses the next request
 
         async def body() -> AsyncIterator[bytes]:
             status = upstream.status_code
             try:
                 async for piece in sse.run(upstream.aiter_bytes()):
                     yield piece
-            except httpx.HTTPError:
+            except UpstreamError:
                 status = 502
                 log["error"] = "upstream stream broke"
             except asyncio.CancelledError:
                 log["error"] = "client disconnected"
                 raise
             finally:
-                await upstream.aclose()
-                self._account(record, validated, usage, sse, sse.counts, sse.blocked, log)
-                try:
-                    self._done(record, log, status, t0, added_s=pre, mode="stream")
-                except GatewayError:
-                    pass  # the stream has been sent; the writer's failure refuses the next request
+                await finish(status)
 
-        return StreamingResponse(body(), status_code=upstream.status_code, headers=headers,
-                                 media_type="text/event-stream")  # fmt: skip
+        return _StreamReply(body(), upstream.status_code, headers, finish)
 
     # -- accounting and audit ----------------------------------------------------------------------
 
@@ -465,8 +506,7 @@ def _principal(record: ApiKeyRecord) -> str:
     return f"api-key:{record.id}" + (f" ({record.name})" if record.name else "")
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def _bearer(header: str | None) -> str | None:
     if header is None:
         return None
     scheme, _, value = header.partition(" ")
@@ -477,7 +517,67 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and value >= 0 else None
 
 
-async def _read_capped(response: httpx.Response, cap: int) -> bytes:
+def _quote_path(path: str) -> bytes:
+    """The (decoded) path the route was classified by, encoded so the upstream decodes the same path."""
+    return quote(path, safe=_PATH_SAFE).encode("ascii")
+
+
+def _upstream_error(exc: UpstreamError) -> GatewayError:
+    if exc.timeout:
+        return GatewayError(504, "the upstream timed out", type="server_error", code="upstream_timeout")
+    return GatewayError(502, f"the upstream is unreachable ({exc.kind})", type="server_error",
+                        code="upstream_unreachable")  # fmt: skip
+
+
+async def _request_chunks(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+        elif message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+
+
+class _Reply:
+    """A whole response with ready raw headers (content-length added), sent as one start and one body."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes):
+        if status < 200 or status in (204, 304):
+            body = b""
+        else:
+            headers = [*headers, (b"content-length", str(len(body)).encode("ascii"))]
+        self.status, self.headers, self.body = status, headers, body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class _StreamReply(StreamingResponse):
+    """A streamed answer (the upstream's raw headers) that closes the upstream response and accounts
+    for the request however it ends, even when the client leaves before the first byte is sent (then
+    the body generator never runs)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], status: int, headers: list[tuple[bytes, bytes]],
+        finish: Callable[[int, str], Awaitable[None]],
+    ):  # fmt: skip
+        super().__init__(content, status_code=status)
+        self.raw_headers = headers  # the upstream's content-type (text/event-stream) included
+        self._finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._finish(self.status_code, "client disconnected")  # no-op if the body finished it
+
+
+async def _read_capped(response: UpstreamResponse, cap: int) -> bytes:
     body = bytearray()
     async for chunk in response.aiter_bytes():
         body += chunk
@@ -487,20 +587,58 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytes:
     return bytes(body)
 
 
+class GatewayApp:
+    """The gateway as a plain ASGI app: no framework routing or middleware on the request path.
+
+    `GET /livez` answers without a key; any other path and method in `_METHODS` goes through
+    `Gateway.handle`; other methods get 405, websockets are closed. `state.gateway` is the `Gateway`.
+    """
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        self.state = State()
+        self.state.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            method = scope["method"]
+            if scope["path"] == LIVEZ and method in ("GET", "HEAD"):
+                response: ASGIApp = JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
+            elif method not in _METHODS:
+                response = JSONResponse(
+                    {"detail": "Method Not Allowed"}, 405, headers={"Allow": ", ".join(_METHODS)}
+                )
+            else:
+                try:
+                    response = await self.gateway.handle(scope, receive)
+                except ClientDisconnect:
+                    return
+            await response(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1000})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        started = False
+        await receive()  # lifespan.startup
+        try:
+            async with self.gateway.lifespan(self):
+                await send({"type": "lifespan.startup.complete"})
+                started = True
+                await receive()  # lifespan.shutdown
+        except BaseException:
+            message = traceback.format_exc()
+            await send(
+                {"type": f"lifespan.{'shutdown' if started else 'startup'}.failed", "message": message}
+            )
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+
 def create_gateway(
     upstream: str | Any, config: GatewayConfig | None = None, store_root: Path | str = "."
-) -> FastAPI:
+) -> GatewayApp:
     """The gateway app. `upstream`: a base URL (`http://127.0.0.1:8001`) or an ASGI app in this process."""
-    gateway = Gateway(upstream, config or GatewayConfig(), Path(store_root))
-    app = FastAPI(
-        title="lmloom gateway", docs_url=None, redoc_url=None, openapi_url=None, lifespan=gateway.lifespan
-    )
-    app.state.gateway = gateway
-
-    @app.get(LIVEZ, include_in_schema=False)
-    async def livez() -> JSONResponse:
-        return JSONResponse({"status": "ok"}, headers={"Cache-Control": "no-store"})
-
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
-    app.add_api_route("/{path:path}", gateway.handle, methods=methods, include_in_schema=False)
-    return app
+    return GatewayApp(Gateway(upstream, config or GatewayConfig(), Path(store_root)))
