@@ -1,5 +1,6 @@
-"""`lmloom evaluate`: bias and robustness reports on a checkpoint, and the release gates that decide whether
-it may be served or exported (`lmloom.evaluate.gates`)."""
+"""`lmloom evaluate`: bias and robustness reports on a checkpoint, the release gates that decide whether
+it may be served or exported (`lmloom.evaluate.gates`), and lm-evaluation-harness tasks
+(`lmloom.evaluate.harness`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from rich.table import Table
 
 from lmloom.cli.common import current_access, err, open_store, out, requires, store_root
 
-app = typer.Typer(help="Evaluate a checkpoint: bias probes, robustness, release gates.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate a checkpoint: bias probes, robustness, release gates, lm-evaluation-harness tasks.",
+    no_args_is_help=True,
+)
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint artifact id (a unique prefix is enough).")]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the full report as JSON here.")]
@@ -136,3 +140,82 @@ def gates(
     out.print(f"gate report {result.artifact.short_id}: {verdict}" + (" (reused)" if result.reused else ""))
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+HARNESS_TASKS = "lmloom_stdlib_ppl,lmloom_stdlib_mc"
+
+
+@app.command("harness")
+@requires("evaluate", action="evaluate harness")
+def harness(
+    model: ModelArg,
+    tasks: Annotated[
+        str, typer.Option(help="Comma-separated lm_eval tasks or groups (`lmloom_stdlib` is both of ours).")
+    ] = HARNESS_TASKS,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="At most this many documents per task: a quick look, not a result."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward pass.")] = 8,
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="Few-shot examples per prompt.")] = None,
+    include_path: Annotated[
+        list[Path] | None, typer.Option("--include-path", help="Another folder of lm_eval task YAMLs.")
+    ] = None,
+    lm_eval_tasks: Annotated[
+        bool,
+        typer.Option(
+            "--lm-eval-tasks", help="Also index lm_eval's built-in tasks (most of them download their data)."
+        ),
+    ] = False,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="CPU threads [default: torch's choice; fewer on a busy machine]."),
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """Run lm-evaluation-harness tasks on a checkpoint (needs `pip install 'lmloom[eval]'`).
+
+    The defaults are lmloom's own tasks, whose data is inside the package (no download): perplexity on
+    held-out Python-stdlib-style text and picking the real next line of Python code among four."""
+    from lmloom.evaluate import harness as lm_harness  # LmloomError with the pip hint when lm_eval is absent
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise typer.BadParameter("name at least one task", param_hint="--tasks")
+    manager = lm_harness.task_manager(include_path or (), include_defaults=lm_eval_tasks)
+    unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
+    if unknown:
+        from lmloom.errors import ConfigError
+        from lmloom.evaluate.tasks import GROUP_NAME, TASK_NAMES
+
+        hint = "" if lm_eval_tasks else "; --lm-eval-tasks adds lm_eval's built-in catalogue"
+        raise ConfigError(
+            f"unknown task {', '.join(map(repr, unknown))}; lmloom's tasks: "
+            f"{', '.join((*TASK_NAMES, GROUP_NAME))}{hint}"
+        )
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():  # lm_eval's model would fall back
+        raise typer.BadParameter(f"{device}: CUDA is not available on this machine", param_hint="--device")
+    if threads:
+        torch.set_num_threads(threads)
+    _, artifact = _open_checkpoint(model)
+    report = lm_harness.evaluate(
+        artifact, names, manager, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, device=device
+    )
+    rows = lm_harness.results_table(report)
+    _audit(
+        "evaluate.harness",
+        artifact,
+        tasks=names,
+        limit=limit,
+        metrics={f"{task}/{metric}": value for task, metric, value, _, _ in rows if value is not None},
+    )
+    _table(
+        f"lm-evaluation-harness, checkpoint {artifact.short_id}" + (f" (limit {limit})" if limit else ""),
+        ["task", "metric", "value", "± stderr", "docs"],
+        [lm_harness.format_row(row) for row in rows],
+    )
+    if json_path:
+        json_path.write_text(lm_harness.results_json(report))
