@@ -410,7 +410,12 @@ def generic(value: Any, depth: int = 0) -> str:
                 keys.extend(k for k in item if k not in keys)
             rows = [[Raw(generic(item.get(k, ""), depth + 1)) for k in keys[:20]] for item in value[:100]]
             more = f'<div class="dim">… {len(value) - 100} more</div>' if len(value) > 100 else ""
-            return table(keys[:20], rows, "inner") + more
+            if depth < 2:
+                return table(keys[:20], rows, "inner") + more
+            # Deeper tables (per-template results of an audit) are detail: folded, so that the
+            # headline figures stay on one screen and nested columns are not squeezed to a letter wide.
+            summary = f"{len(value)} rows: {', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}"
+            return f"<details><summary>{esc(summary)}</summary>{table(keys[:20], rows, 'inner')}{more}</details>"
         shown = ", ".join(
             fmt(v) if not isinstance(v, dict | list) else json.dumps(v)[:80] for v in value[:50]
         )
@@ -1104,7 +1109,7 @@ svg .boxsmall{font-size:10.5px;fill:#334155}svg .boxmono{font-size:11px;fill:#1e
 .figs{display:flex;flex-wrap:wrap;gap:8px;margin:6px 0}.fig{border:1px solid #e2e8f0;border-radius:8px;padding:6px 10px;min-width:90px}
 .figv{font-size:15px;font-weight:600}.figk{font-size:11px;color:#64748b}
 pre.sample,pre.text{background:#f1f5f9;padding:8px;border-radius:6px;white-space:pre-wrap;font-size:12px}
-.notes{background:#fffbeb;border:1px solid #fde68a;padding:8px 12px;border-radius:8px}
+details>summary{cursor:pointer;color:#475569}.notes{background:#fffbeb;border:1px solid #fde68a;padding:8px 12px;border-radius:8px}
 """
 
 # No request of any kind may leave the page: only inline styles (and nothing else) are allowed.
