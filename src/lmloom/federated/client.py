@@ -1,4 +1,5 @@
-"""A federated client: `python -m lmloom.federated.client --server 127.0.0.1:PORT --id 0 --tokens shard0.npy`.
+"""A federated client: `python -m lmloom.federated.client --server 127.0.0.1:PORT --id 0 --tokens shard0.npy`
+(or `--shards ID [--store PATH]`: slice `--id` of that verified shards artifact's train split).
 
 It takes the run's config from the server, keeps its model and AdamW state across rounds, and each round
 trains `local_steps` steps on its own shard from the global weights, then sends the change in weights:
@@ -13,6 +14,7 @@ import base64
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +47,18 @@ def connect(address: str, timeout: float) -> socket.socket:
             time.sleep(0.2)
 
 
-def run_client(sock: socket.socket, client_id: int, tokens: np.ndarray, dump_true: Path | None = None) -> int:
+def run_client(
+    sock: socket.socket,
+    client_id: int,
+    tokens: np.ndarray | Callable[[FederatedConfig], np.ndarray],
+    dump_true: Path | None = None,
+) -> int:
+    """`tokens`: this client's shard, or a function of the run's config that reads it (a shards slice)."""
     protocol.send(sock, {"type": "hello", "client": client_id})
     header, _ = protocol.recv(sock, "config")
     cfg = FederatedConfig.model_validate(header["config"])
+    if callable(tokens):
+        tokens = tokens(cfg)
     run_id = header["run_id"]
     model = init_model(cfg)
     optimizer = build_optimizer(model, cfg)
@@ -100,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--server", required=True, help="HOST:PORT of the server (loopback)")
     parser.add_argument("--id", type=int, required=True, help="this client's number, 0..clients-1")
-    parser.add_argument("--tokens", type=Path, required=True, help="this client's token shard (.npy)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--tokens", type=Path, help="this client's token shard (.npy)")
+    data.add_argument(
+        "--shards", help="a shards artifact id: this client trains on slice --id of its train split"
+    )
+    parser.add_argument("--store", type=Path, help="artifact store (default: $LMLOOM_HOME or ~/.lmloom)")
     parser.add_argument("--dump-true", type=Path, help="test mode: write each unmasked update here")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
@@ -108,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(1)
-        tokens = load_tokens(args.tokens)
+        if args.shards:
+            from lmloom.federated.publish import client_slice, open_shards, open_store
+
+            shards = open_shards(open_store(args.store), args.shards)  # verified before it is read
+
+            def tokens(cfg: FederatedConfig) -> np.ndarray:
+                return client_slice(shards, cfg.clients, args.id)
+
+        else:
+            tokens = load_tokens(args.tokens)
         with connect(args.server, args.timeout) as sock:
             sock.settimeout(args.timeout)
             rounds = run_client(sock, args.id, tokens, args.dump_true)

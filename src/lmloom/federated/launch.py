@@ -1,9 +1,13 @@
 """Start a server and N clients as separate processes on loopback and wait for the result:
 
     python -m lmloom.federated.launch --tokens train.npy --val val.npy --workdir runs/fed [--set rounds=8]
+    python -m lmloom.federated.launch --shards SHARDS_ID --workdir runs/fed [--store PATH]
 
-The training tokens are cut into `clients` contiguous shards, one per client (each client reads only its
-own file). `run_local` is the same thing as a function (the tests use it).
+The training tokens are cut into `clients` contiguous parts, one per client: with `--tokens`, files (each
+client reads only its own; their sha256 go into the checkpoint's metadata); with `--shards`, slices of the
+artifact's train split that each client reads from the verified artifact (the server evaluates its val
+split). The result is a checkpoint artifact in the store (`--store`, default $LMLOOM_HOME or ~/.lmloom),
+whose id is printed. `run_local` is the same thing as a function (the tests use it).
 """
 
 from __future__ import annotations
@@ -33,17 +37,28 @@ def split_shards(tokens: np.ndarray, n: int, workdir: Path) -> list[Path]:
 
 def run_local(
     cfg: FederatedConfig,
-    shards: list[Path],
-    val: Path,
+    shards: list[Path] | str,
+    val: Path | None,
     workdir: Path,
     *,
+    store: Path | None = None,
+    data: dict | None = None,
     log_received: bool = False,
     dump_true: bool = False,
     timeout: float = 300.0,
 ) -> dict:
-    """Run the server and one client per shard as subprocesses; the server's result JSON."""
-    if len(shards) != cfg.clients:
+    """Run the server and one client per shard as subprocesses; the server's result JSON (with
+    `checkpoint`, the id of the published checkpoint artifact in `store`).
+
+    `shards`: one .npy file per client, or the id of a shards artifact in `store` (val None: its val
+    split). `data`: extra facts about the token files for the checkpoint's metadata."""
+    from lmloom.federated.publish import file_record
+
+    from_store = isinstance(shards, str)
+    if not from_store and len(shards) != cfg.clients:
         raise ValueError(f"{len(shards)} shards for {cfg.clients} clients")
+    if not from_store:
+        data = {**(data or {}), "clients": [file_record(path) for path in shards]}
     workdir.mkdir(parents=True, exist_ok=True)
     config_path, port_file, out = workdir / "fed.yaml", workdir / "port", workdir / "result.json"
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -55,10 +70,16 @@ def run_local(
         "lmloom.federated.server",
         "--config",
         str(config_path),
-        "--val",
-        str(val),
     ]
-    server_cmd += ["--port-file", str(port_file), "--out", str(out), "--save-model", str(workdir / "model")]
+    if val is not None:
+        server_cmd += ["--val", str(val)]
+    store_args = ["--store", str(store)] if store is not None else []
+    server_cmd += ["--port-file", str(port_file), "--out", str(out), *store_args]
+    server_cmd += ["--save-model", str(workdir / "model")]  # a plain copy of the checkpoint's model files
+    if from_store:
+        server_cmd += ["--shards", shards]
+    if data:
+        server_cmd += ["--data-record", json.dumps(data)]
     if log_received:
         server_cmd += ["--log-received", str(workdir / "received")]
     logs = [open(workdir / "server.log", "w")]  # noqa: SIM115 (closed below)
@@ -70,9 +91,9 @@ def run_local(
                 raise RuntimeError(f"the server did not start: {(workdir / 'server.log').read_text()}")
             time.sleep(0.1)
         address = f"127.0.0.1:{port_file.read_text().strip()}"
-        for i, shard in enumerate(shards):
+        for i in range(cfg.clients):
             cmd = [sys.executable, "-m", "lmloom.federated.client", "--server", address, "--id", str(i)]
-            cmd += ["--tokens", str(shard)]
+            cmd += ["--shards", shards, *store_args] if from_store else ["--tokens", str(shards[i])]
             if dump_true:
                 cmd += ["--dump-true", str(workdir / "true")]
             logs.append(open(workdir / f"client{i}.log", "w"))  # noqa: SIM115
@@ -99,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lmloom.federated.launch", description=__doc__.split("\n")[0]
     )
-    parser.add_argument(
-        "--tokens", type=Path, required=True, help="training tokens (.npy), split among clients"
-    )
-    parser.add_argument("--val", type=Path, required=True, help="validation tokens (.npy)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--tokens", type=Path, help="training tokens (.npy), split among clients")
+    data.add_argument("--shards", help="shards artifact id: its train split is split among clients")
+    parser.add_argument("--val", type=Path, help="validation tokens (.npy); default: the --shards val split")
+    parser.add_argument("--store", type=Path, help="artifact store (default: $LMLOOM_HOME or ~/.lmloom)")
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--config", type=Path, help="FederatedConfig YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -110,10 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     from lmloom.federated.server import load_config
 
     cfg = load_config(args.config, args.set)
+    if args.tokens is not None and args.val is None:
+        parser.error("--tokens needs --val (validation tokens, .npy)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    shards = split_shards(load_tokens(args.tokens), cfg.clients, args.workdir)
-    result = run_local(cfg, shards, args.val, args.workdir)
-    print(json.dumps({k: result[k] for k in ("initial_val_loss", "val_loss", "tokens")}, indent=2))
+    if args.shards:
+        shards, data = args.shards, None
+    else:
+        from lmloom.federated.publish import file_record
+
+        shards = split_shards(load_tokens(args.tokens), cfg.clients, args.workdir)
+        data = {"tokens": file_record(args.tokens)}
+    result = run_local(cfg, shards, args.val, args.workdir, store=args.store, data=data)
+    keys = ("checkpoint", "initial_val_loss", "val_loss", "tokens")
+    print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0
 
 

@@ -4,8 +4,10 @@ It waits for `clients` clients, sends each the run's config, then every round: (
 fresh X25519 public key per client and relays all of them, sends the global weights, receives one update
 per client, and moves the global model by their mean. In secure mode the updates arrive masked and only
 their sum can be decoded (`secagg.py`). `--log-received DIR` writes every received payload as it came off
-the wire (the test inspects them); `--save-model DIR` writes the final weights (model.safetensors +
-model.json, the checkpoint format).
+the wire (the test inspects them). The final model is published as a `checkpoint` artifact in the store
+(`--store`, default $LMLOOM_HOME or ~/.lmloom; see `publish.py`) and its id printed; `--shards ID` takes
+the validation tokens from that shards artifact's `val` split (and records it as the input) instead of
+`--val FILE.npy`. `--save-model DIR` also writes the final weights there (model.safetensors + model.json).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lmloom.errors import DataError, LmloomError
+from lmloom.errors import ConfigError, DataError, LmloomError
 from lmloom.federated import protocol, secagg
 from lmloom.federated.local import FederatedConfig, get_vector, init_model, load_tokens, set_vector, val_loss
 
@@ -150,11 +152,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field"
     )
-    parser.add_argument("--val", type=Path, required=True, help="validation tokens (.npy)")
+    parser.add_argument("--val", type=Path, help="validation tokens (.npy); default: the --shards val split")
+    parser.add_argument("--store", type=Path, help="artifact store (default: $LMLOOM_HOME or ~/.lmloom)")
+    parser.add_argument("--shards", help="shards artifact id the clients train on (recorded as the input)")
+    parser.add_argument(
+        "--tokenizer", help="tokenizer artifact id to ship in the checkpoint (default: the shards')"
+    )
+    parser.add_argument(
+        "--data-record", help="JSON facts about the clients' token files, kept in the metadata"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port (see --port-file)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once listening")
-    parser.add_argument("--out", type=Path, required=True, help="result JSON")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON (with the checkpoint id)")
     parser.add_argument("--log-received", type=Path, help="test mode: write every received payload here")
     parser.add_argument("--save-model", type=Path, help="write the final model (safetensors + json) here")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for any one message")
@@ -166,18 +176,38 @@ def main(argv: list[str] | None = None) -> int:
             secagg.check_range(cfg.clients, cfg.fixed_point_scale, cfg.fixed_point_clip)
         import torch
 
+        from lmloom.federated.publish import Publisher, file_record, open_shards, open_store, shards_val
+
         torch.set_num_threads(1)
-        server = Server(cfg, load_tokens(args.val), args.log_received)
-        with socket.create_server((args.host, args.port)) as listener:
-            if args.port_file:
-                args.port_file.write_text(str(listener.getsockname()[1]))
-            server.accept(listener, args.timeout)
-            result = server.run(log=lambda m: print(m, file=sys.stderr, flush=True))
+        store = open_store(args.store)
+        shards = open_shards(store, args.shards, cfg) if args.shards else None
+        data = json.loads(args.data_record) if args.data_record else {}
+        if args.val is not None:
+            val = load_tokens(args.val)
+            data["val"] = file_record(args.val)
+        elif shards is not None:
+            val = shards_val(shards, cfg)
+        else:
+            raise ConfigError("give --val FILE.npy or --shards ID (whose val split is evaluated)")
+        publisher = Publisher(store, cfg, shards=shards, tokenizer=args.tokenizer, data=data)
+        try:
+            server = Server(cfg, val, args.log_received)
+            with socket.create_server((args.host, args.port)) as listener:
+                if args.port_file:
+                    args.port_file.write_text(str(listener.getsockname()[1]))
+                server.accept(listener, args.timeout)
+                result = server.run(log=lambda m: print(m, file=sys.stderr, flush=True))
+        except BaseException as exc:
+            publisher.failed(exc)
+            raise
+        artifact = publisher.publish(server.model, result)
+        result["checkpoint"] = artifact.id
         args.out.write_text(json.dumps(result, indent=2))
         if args.save_model:
             from lmloom.models.io import save_model_dir
 
             save_model_dir(server.model, args.save_model)
+        print(f"checkpoint {artifact.id}", flush=True)
     except (LmloomError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
