@@ -184,16 +184,20 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    parts = expand_key(raw, key.strip().split("."))
+    set_path(raw, expand_key(raw, key.strip().split(".")), value, f"--set {key}")
+
+
+def set_path(raw: dict[str, Any], path: list[str], value: Any, where: str) -> None:
+    """raw[path[0]][path[1]]... = value, creating missing mappings; `where` names the setting in errors."""
     node = raw
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(path[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
+            raise ConfigError(f"{where}: {'.'.join(path[: i + 1])} is {child!r}, not a mapping")
         node = child
-    node[parts[-1]] = value
+    node[path[-1]] = value
 
 
 def expand_key(raw: dict[str, Any], parts: list[str]) -> list[str]:

@@ -56,6 +56,7 @@ from lmloom.config import (
     StrictConfig,
     expand_key,
     format_validation_error,
+    set_path,
 )
 from lmloom.context import RunContext
 from lmloom.errors import ConfigError, IntegrityError, LmloomError, SecurityError
@@ -225,15 +226,7 @@ def assign(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
     path = expand_key(raw, parts)
     if len(path) < 4 or path[2] != "config":
         raise ConfigError(f"{where}: only a step's config values can be set, e.g. {parts[0]}.max_steps")
-    node = raw
-    for i, part in enumerate(path[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"{where}: {'.'.join(path[: i + 1])} is {child!r}, not a mapping")
-        node = child
-    node[path[-1]] = value
+    set_path(raw, path, value, where)
 
 
 def _needed(recipe: Recipe, target: str) -> set[str]:
