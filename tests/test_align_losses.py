@@ -438,3 +438,77 @@ def test_tiny_reward_model_learns_separable_preferences(one_thread):
         f"(last batch loss {loss.item():.4f})"
     )
     assert acc >= 0.9
+
+
+def _matching_pairs(n, generator, P=6, A=4):
+    """Pairs only relevance separates: a prompt of P distinct 'topic' tokens; the chosen answer repeats A of
+    them, the rejected one A tokens of another prompt's topic (the built-in pairs' "answer to a different
+    question" in miniature). Both answers are equally fluent, so no single token says which is which."""
+    T = 1 + P + A
+    topics = torch.stack([torch.randperm(VOCAB - 1, generator=generator)[: 2 * P] + 1 for _ in range(n)])
+    prompt, other = topics[:, :P], topics[:, P:]
+
+    def pick(source):
+        return torch.gather(
+            source, 1, torch.stack([torch.randperm(P, generator=generator)[:A] for _ in range(n)])
+        )
+
+    start = torch.full((n, 1), 1)
+    chosen = torch.cat([start, prompt, pick(prompt)], 1)
+    rejected = torch.cat([start, prompt, pick(other)], 1)
+    answer = torch.zeros(n, T, dtype=torch.long)
+    answer[:, 1 + P :] = 1
+    return chosen, rejected, torch.ones(n, T, dtype=torch.long), answer
+
+
+def test_relevance_pooling_ignores_padding_and_needs_the_answer_mask(one_thread):
+    torch.manual_seed(0)
+    cfg = DecoderConfig.preset("tiny", vocab_size=VOCAB, seq_len=16, n_layers=2)
+    rm = RewardModel.from_config(cfg, "relevance")
+    assert rm.score.in_features == 3 * cfg.d_model  # the last token + one relevance term per block
+    chosen, _ = _preference_pairs(4, torch.Generator().manual_seed(0))
+    attention = (chosen != PAD).long()
+    answer = attention.clone()
+    answer[:, :2] = 0  # every synthetic prompt is at least 2 tokens
+    reward = rm(chosen, attention, answer)
+    with torch.no_grad():
+        noisy = torch.where(attention.bool(), chosen, torch.randint(17, VOCAB, chosen.shape))
+        assert torch.allclose(rm(noisy, attention, answer), reward, atol=1e-6)
+    with pytest.raises(ValueError, match="completion_mask"):
+        rm(chosen, attention)
+    # A frozen trunk: only the head learns, and the trunk builds no graph.
+    rm.trunk.requires_grad_(False)
+    bradley_terry_loss(
+        rm(chosen, attention, answer), rm(chosen.flip(0), attention.flip(0), answer.flip(0))
+    ).backward()
+    assert rm.score.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in rm.trunk.parameters())
+
+
+@pytest.mark.parametrize("pooling", ["last", "relevance"])
+def test_relevance_pooling_learns_what_the_last_token_cannot(one_thread, pooling):
+    """Issue 7: the reward model was at chance on the built-in pairs, whose rejected answer is mostly a fluent
+    answer to another question. A linear head on a frozen trunk's last token cannot tell such answers
+    apart; with the prompt-answer relevance term it can."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cfg = DecoderConfig.preset("tiny", vocab_size=VOCAB, seq_len=16, n_layers=1, d_model=64, n_heads=2)
+    rm = RewardModel.from_config(cfg, pooling)
+    rm.trunk.requires_grad_(False)
+    train, test = _matching_pairs(512, g), _matching_pairs(256, g)
+    opt = torch.optim.AdamW(rm.score.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(60):
+        idx = torch.randint(0, 512, (32,), generator=g)
+        c, r, attention, answer = (x[idx] for x in train)
+        loss = bradley_terry_loss(rm(c, attention, answer), rm(r, attention, answer))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        c, r, attention, answer = test
+        acc = pairwise_accuracy(rm(c, attention, answer), rm(r, attention, answer))
+    print(f"{pooling} pooling, head only: held-out pairwise accuracy {acc:.3f}")
+    if pooling == "relevance":
+        assert acc >= 0.9
+    else:
+        assert acc <= 0.65

@@ -130,6 +130,10 @@ def test_code_reward_runs_programs_in_a_sandboxed_subprocess():
     assert code_reward(Sample(task, wrong, True)) == 0.75  # defined, one of two tests passes
     assert code_reward(Sample(task, "def other(a, b):\n    return a\n", True)) == 0.25  # parses, wrong name
     assert code_reward(Sample(task, "def add(a, b) return", True)) == 0.0  # does not parse
+    # Valid Python that defines nothing earns nothing when a function is asked for (GRPO on the quickstart
+    # SFT model answered every prompt with one identifier, which parses, before this).
+    assert code_reward(Sample(task, "defdefdefencoding", True)) == 0.0
+    assert code_reward(Sample(PromptTask("Say hi."), "hi", True)) == 0.25  # nothing asked for: parsing counts
     marker = Path(f"/tmp/lmloom-sandbox-probe-{os.getpid()}")
     escape = f"def add(a, b):\n    open({str(marker)!r}, 'w').write('x')\n    return a + b\n"
     result = run_sandboxed(escape, "add", ADD_TESTS)

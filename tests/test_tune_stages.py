@@ -59,6 +59,11 @@ ALIGN = """
     stage: align.reward
     inputs: {{checkpoint: sft}}
     config: {{data: {pref_data}, batch_size: 4, max_steps: 6, log_every: 1, {loop}}}
+  reward_full:
+    stage: align.reward
+    inputs: {{checkpoint: sft}}
+    config: {{data: {pref_data}, pooling: last, train_trunk: true, batch_size: 4, max_steps: 3, log_every: 1,
+             optim: {{lr: 0.001, warmup_steps: 0, weight_decay: 0.0}}, {loop}}}
   dpo:
     stage: align.dpo
     inputs: {{checkpoint: sft}}
@@ -264,10 +269,53 @@ def test_reward_model_reports_pairwise_accuracy(setup):
     assert art.kind == "reward-model"
     assert 0 <= m["val_accuracy"] <= 1 and 0 <= m["val_accuracy_before"] <= 1 and m["held_out_pairs"] > 0
     assert all("accuracy" in r for r in records(art))
+    assert m["pooling"] == "relevance" and m["train_trunk"] is False and m["trainable_parameters"] == 64
     from lmloom.align.stage import reward_model_from_files
 
     reward = reward_model_from_files(art.read_bytes)
-    assert reward(torch.tensor([[1, 5, 6, 7]])).shape == (1,)
+    assert reward.pooling == "relevance"
+    ids, answer = torch.tensor([[1, 5, 6, 7]]), torch.tensor([[0, 0, 1, 1]])
+    assert reward(ids, torch.ones_like(ids), answer).shape == (1,)
+    # The head learnt on the frozen trunk's features; the trunk is the SFT checkpoint's, unchanged.
+    sft = model_from_files(setup["runs"]["sft"].read_bytes)
+    assert all(torch.equal(v, sft.state_dict()[k]) for k, v in reward.trunk.state_dict().items())
+
+
+def test_reward_model_can_train_the_whole_model_with_last_token_pooling(setup):
+    from lmloom.align.stage import RewardConfig, reward_model_from_files
+
+    art = setup["runs"]["reward_full"]
+    m = art.manifest.metadata
+    assert (
+        m["pooling"] == "last" and m["train_trunk"] is True and m["trainable_parameters"] == m["parameters"]
+    )
+    reward = reward_model_from_files(art.read_bytes)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert reward.pooling == "last" and reward(ids).shape == (1,)
+    sft = model_from_files(setup["runs"]["sft"].read_bytes)
+    assert not all(torch.equal(v, sft.state_dict()[k]) for k, v in reward.trunk.state_dict().items())
+    with pytest.raises(ValueError, match="wreck"):  # the head-only learning rate on the whole model
+        RewardConfig(train_trunk=True)
+
+
+def test_pair_source_buckets_pairs_of_similar_length():
+    from lmloom.align.stage import EncodedPair, PairSource
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(4, 200, (300,), generator=generator).tolist()
+    pairs = [EncodedPair(([1] * n, [0] * n), ([1] * 3, [0] * 3)) for n in lengths]
+    plain, bucketed = PairSource(pairs, 7, 256), PairSource(pairs, 7, 256, bucket=8)
+    for epoch in (0, 1):
+        order = bucketed._order(epoch)
+        assert sorted(order) == list(range(300)) and order == PairSource(pairs, 7, 256, bucket=8)._order(
+            epoch
+        )
+    assert bucketed._order(0) != bucketed._order(1)
+
+    def padded(source):  # tokens in the first epoch's batches of 8, padding included
+        return sum(source.batch(s, 8)[0].input_ids.numel() for s in range(0, 296, 8))
+
+    assert padded(bucketed) < 0.7 * padded(plain)
 
 
 @pytest.mark.parametrize("step", ["dpo", "dpo_pre"])

@@ -36,6 +36,22 @@ def decoder_hidden_states(model: Decoder, input_ids: torch.Tensor) -> torch.Tens
     return model.norm(x)
 
 
+def decoder_layer_states(model: Decoder, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The output [B, T, d_model] of every block, the last one through the final norm (so the last entry is
+    `decoder_hidden_states`)."""
+    T = input_ids.shape[1]
+    if T > model.config.seq_len:
+        raise ValueError(f"sequence length {T} exceeds the model's seq_len {model.config.seq_len}")
+    cos, sin = model.rope_cos[:T, None].float(), model.rope_sin[:T, None].float()
+    x = model.tok_emb(input_ids)
+    states = []
+    for layer in model.layers:
+        x = layer(x, cos, sin)
+        states.append(x)
+    states[-1] = model.norm(x)
+    return states
+
+
 def _target_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
     logits = (h @ weight.t()).float()
     if temperature != 1.0:

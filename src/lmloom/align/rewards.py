@@ -1,7 +1,10 @@
 """Verifiable rewards for `align.grpo`: programmatic checks of a completion, each a float in [0, 1].
 
-    code           the completion is Python that parses (0.25), defines the requested function (0.5), and
-                   with test cases passes them (0.5 + 0.5 * share passed; without tests defining it is 1.0).
+    code           the completion is Python that parses and defines a function (0.25), defines the requested
+                   function (0.5), and with test cases passes them (0.5 + 0.5 * share passed; without tests
+                   defining it is 1.0). When a function is asked for, code that parses but defines none
+                   scores 0: any lone word is valid Python, and GRPO on the quickstart SFT model found that
+                   within 20 steps (it answered every prompt with one identifier).
                    The code runs only in a **separate, restricted process** (`run_sandboxed`), never here.
     function_def   the completion writes a definition: "def " somewhere 0.5, "def <requested name>" 1.0.
                    The cheap, dense shape-of-an-answer reward a tiny model can learn in a few dozen steps.
@@ -237,25 +240,31 @@ def _parses(source: str) -> bool:
         return False
 
 
-def _defines(source: str, name: str) -> bool:
+def _defines(source: str, name: str | None = None) -> bool:
+    """Whether `source` defines the top-level function `name` (any top-level function when None)."""
     import ast
 
     tree = ast.parse(source)
     return any(
-        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body
+        isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and name in (None, node.name)
+        for node in tree.body
     )
 
 
 def code_reward(sample: Sample, settings: RewardSettings | None = None) -> float:
-    """0 unparsable, 0.25 parses, 0.5 defines the function; with tests 0.5 + 0.5 * passed share (run in the
-    sandbox), without tests 1.0 once defined. A prompt asking for no function scores 0.25 for parsing."""
+    """0 unparsable, 0.25 parses and defines some other function, then for the requested function: with
+    tests 0.5 + 0.5 * passed share (run in the sandbox), without tests 1.0. When a function is requested,
+    code that parses but defines no function at all (a lone word, an expression) scores 0. A prompt asking
+    for no function scores 0.25 for parsing."""
     settings = settings or RewardSettings()
     source = extract_code(sample.text)
     if not source.strip() or not _parses(source):
         return 0.0
     name = sample.task.function
-    if not name or not _defines(source, name):
+    if not name:
         return 0.25
+    if not _defines(source, name):
+        return 0.25 if _defines(source) else 0.0
     if not sample.task.tests:
         return 1.0
     result = run_sandboxed(
@@ -331,29 +340,32 @@ class RewardModelScorer:
         from lmloom.tune.chat import ChatFormatError, encode_conversation, escape_markers
 
         cap = self.model.trunk.config.seq_len
-        rows: list[list[int] | None] = []
+        # Encoded as align.reward trained: EOS, then the chat template; the answer mask for `relevance`.
+        rows: list[tuple[list[int], list[int]] | None] = []
         for s in samples:
             reply = escape_markers(s.text) or "."
             try:
-                ids, _ = encode_conversation(
+                ids, answer = encode_conversation(
                     self.tokenizer,
                     [{"role": "user", "content": s.task.prompt}, {"role": "assistant", "content": reply}],
                     cap - 1,
                 )
-                rows.append([EOS_ID, *ids])
+                rows.append(([EOS_ID, *ids], [0, *answer]))
             except ChatFormatError:
                 rows.append(None)  # too long for the reward model: scored 0
         scored = [r for r in rows if r is not None]
         values: list[float] = []
         if scored:
-            longest = max(len(r) for r in scored)
+            longest = max(len(r) for r, _ in scored)
             ids = torch.full((len(scored), longest), PAD_ID, dtype=torch.long)
             mask = torch.zeros((len(scored), longest), dtype=torch.long)
-            for i, r in enumerate(scored):
+            completion = torch.zeros((len(scored), longest), dtype=torch.long)
+            for i, (r, answer) in enumerate(scored):
                 ids[i, : len(r)] = torch.tensor(r)
                 mask[i, : len(r)] = 1
+                completion[i, : len(answer)] = torch.tensor(answer)
             with torch.no_grad():
-                values = torch.sigmoid(self.model(ids, mask).float() * self.scale).tolist()
+                values = torch.sigmoid(self.model(ids, mask, completion).float() * self.scale).tolist()
         it = iter(values)
         return [next(it) if r is not None else 0.0 for r in rows]
 

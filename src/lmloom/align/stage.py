@@ -14,6 +14,11 @@ the number of entries of its second element (here one per pair). Per-step prefer
 (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins) reach metrics.jsonl through the
 source's `describe` hook.
 
+`align.reward` by default trains the score head alone on the frozen input model (`train_trunk: false`):
+the trunk's features of every pair are computed once and the head trains on them, several passes over
+all the built-in pairs for the cost of one forward pass (`lmloom.align.reward` says why the default
+`relevance` pooling reads the prompt as well as the last token).
+
 `align.dpo`'s reference is the input model, frozen: run on every batch (`reference: model`) or scored
 once before training (`reference: precomputed`: half the forward passes per step). At step 1 policy ==
 reference, so the sigmoid loss starts at log 2.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +42,7 @@ from torch import nn
 from lmloom.align.logprobs import completion_lengths, sequence_logprobs
 from lmloom.align.pairs import builtin_pairs
 from lmloom.align.preference import PreferenceConfig, preference_loss_from_config
-from lmloom.align.reward import RewardModel, bradley_terry_loss
+from lmloom.align.reward import Pooling, RewardModel, bradley_terry_loss
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError, DataError
 from lmloom.models.decoder import Decoder, DecoderConfig
@@ -61,6 +67,7 @@ from lmloom.tune.stage import (
 
 REWARD_ARCHITECTURE = "reward-model"
 PAD_MULTIPLE = 32  # pad each batch to a multiple of this many tokens: few distinct shapes
+BUCKET_BATCHES = 16  # length bucketing: batches per sorted run (see PairSource)
 
 
 class PairDataConfig(LoopConfig):
@@ -96,6 +103,10 @@ class PairDataConfig(LoopConfig):
 class EncodedPair:
     chosen: tuple[list[int], list[int]]  # (ids, loss mask), EOS first
     rejected: tuple[list[int], list[int]]
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen[0]), len(self.rejected[0]))
 
 
 @dataclass
@@ -148,10 +159,23 @@ def collate(pairs: list[EncodedPair], cap: int, reference: torch.Tensor | None =
 
 
 class PairSource:
-    """Pairs in a seeded order per epoch (sample i is a pure function of i): the loop's BatchSource."""
+    """Pairs in a seeded order per epoch (sample i is a pure function of i): the loop's BatchSource.
 
-    def __init__(self, pairs: list[EncodedPair], seed: int, cap: int, reference: torch.Tensor | None = None):
-        self.pairs, self.seed, self.cap = pairs, seed, cap
+    With `bucket` (the micro-batch size), each epoch's shuffled order is cut into runs of BUCKET_BATCHES
+    batches, each run sorted by pair length and its batches shuffled again: a batch holds pairs of similar
+    length, so far less of it is padding (the built-in pairs run from ~30 to 255 tokens), while the
+    order stays random at the level of batches.
+    """
+
+    def __init__(
+        self,
+        pairs: list[EncodedPair],
+        seed: int,
+        cap: int,
+        reference: torch.Tensor | None = None,
+        bucket: int | None = None,
+    ):
+        self.pairs, self.seed, self.cap, self.bucket = pairs, seed, cap, bucket
         self.reference = reference  # [N, 2] precomputed (chosen, rejected) reference log-probs
         self.n = len(pairs)
         self.objective: PairObjective | None = None  # its step statistics go to the metrics
@@ -159,7 +183,19 @@ class PairSource:
     @functools.lru_cache(maxsize=4)  # noqa: B019 (a handful of instances, each alive for one stage)
     def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=generator).tolist()
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if not self.bucket or self.bucket >= self.n:
+            return order
+        size = self.bucket * BUCKET_BATCHES
+        batches = []
+        for start in range(0, self.n, size):
+            run = sorted(order[start : start + size], key=lambda i: self.pairs[i].length)
+            batches += [run[b : b + self.bucket] for b in range(0, len(run), self.bucket)]
+        # Keep a short final batch last, so every other batch is whole when n is not a multiple.
+        whole = [b for b in batches if len(b) == self.bucket]
+        short = [b for b in batches if len(b) != self.bucket]
+        shuffled = [whole[i] for i in torch.randperm(len(whole), generator=generator).tolist()]
+        return [i for batch in shuffled + short for i in batch]
 
     def _batch(self, indices: list[int]) -> tuple[PairBatch, torch.Tensor]:
         ref = None
@@ -179,6 +215,60 @@ class PairSource:
 
     def describe(self, step: int) -> dict[str, float]:
         return self.objective.pop_stats() if self.objective is not None else {}
+
+
+@dataclass
+class FeatureBatch:
+    """B pairs as the frozen trunk's pooled features: [2B, F], the chosen answers, then the rejected ones."""
+
+    features: torch.Tensor
+
+    @property
+    def pairs(self) -> int:
+        return self.features.shape[0] // 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.features.device
+
+
+class FeatureSource(PairSource):
+    """A PairSource over precomputed features [N, 2, F] (chosen, rejected): the same seeded order, no trunk."""
+
+    def __init__(self, features: torch.Tensor, seed: int, cap: int):
+        self.features, self.seed, self.cap, self.bucket = features, seed, cap, None
+        self.reference = None
+        self.n = features.shape[0]
+        self.objective = None
+
+    def _batch(self, indices: list[int]) -> tuple[FeatureBatch, torch.Tensor]:
+        picked = self.features[indices]
+        return FeatureBatch(torch.cat([picked[:, 0], picked[:, 1]])), torch.ones(len(indices))
+
+
+@torch.no_grad()
+def precompute_features(
+    reward: RewardModel, pairs: list[EncodedPair], cap: int, batch_size: int, precision: str
+) -> torch.Tensor:
+    """[N, 2, F] float32: what the score head reads for each pair's (chosen, rejected), in pair order.
+
+    A frozen trunk gives every pair the same features at every step, so `align.reward` computes them once
+    (one forward pass over the pairs, in batches of similar length) and trains the head on them.
+    """
+    was_training = reward.training
+    reward.eval()
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
+    out = torch.empty(0)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        batch = collate([pairs[i] for i in indices], cap)
+        with autocast(precision):
+            feats = reward.features(batch.input_ids, batch.attention_mask, batch.loss_mask).float()
+        if out.numel() == 0:
+            out = torch.empty(len(pairs), 2, feats.shape[-1])
+        out[indices, 0], out[indices, 1] = feats[: batch.pairs], feats[batch.pairs :]
+    reward.train(was_training)
+    return out
 
 
 class PairObjective(nn.Module):
@@ -309,7 +399,40 @@ class RewardConfig(PairDataConfig):
     center_rewards_coefficient: float | None = Field(
         None, ge=0, description="adds c * mean((r_chosen + r_rejected)^2) to pin the rewards' offset"
     )
-    optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=10, weight_decay=0.0)
+    pooling: Pooling = Field(
+        "relevance",
+        description="'relevance': last token + a prompt-answer relevance term; 'last': the last token only "
+        "(Hugging Face / TRL)",
+    )
+    train_trunk: bool = Field(
+        False,
+        description="also fine-tune the trunk (then set optim.lr ~1e-4 and fewer max_steps: every step runs "
+        "the trunk); default: train the head alone on the frozen trunk's features",
+    )
+    # All the built-in pairs (about 5,750 train, 300 held out), three passes over them with the head alone
+    # (cheap: the frozen trunk's features are computed once). On ~1,000 pairs, or with only the last
+    # token, the reward model stays near chance on held-out pairs (docs/fine-tuning.md).
+    max_instruction_pairs: int | None = Field(
+        None, ge=1, description="builtin: training pairs drawn from the instruction set (None: all)"
+    )
+    val_instruction_pairs: int | None = Field(
+        None, ge=0, description="builtin: held-out instruction pairs (None: all)"
+    )
+    batch_size: int = Field(16, ge=1, description="preference pairs per micro-batch")
+    max_steps: int = Field(1080, ge=1)
+    eval_every: int = Field(360, ge=1)
+    checkpoint_every: int = Field(360, ge=1)
+    final_eval_windows: int = Field(1024, ge=1, description="held-out pairs in the final pass")
+    optim: OptimConfig = OptimConfig(lr=1e-2, warmup_steps=10, weight_decay=0.0)
+
+    @model_validator(mode="after")
+    def _trunk_lr(self):
+        if self.train_trunk and self.optim.lr > 1e-3:
+            raise ValueError(
+                f"train_trunk = true with optim.lr = {self.optim.lr:g} (a rate for the head alone) would wreck "
+                "the pre-trained trunk: set optim to e.g. {lr: 1.0e-4, warmup_steps: 10, weight_decay: 0.0}"
+            )
+        return self
 
 
 class RewardObjective(PairObjective):
@@ -317,8 +440,11 @@ class RewardObjective(PairObjective):
         super().__init__()
         self.reward, self.center = reward, center
 
-    def statistics(self, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        rewards = self.reward(batch.input_ids, batch.attention_mask)
+    def statistics(self, batch: PairBatch | FeatureBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        if isinstance(batch, FeatureBatch):  # a frozen trunk's precomputed features: the head alone
+            rewards = self.reward.score(batch.features).squeeze(-1).float()
+        else:
+            rewards = self.reward(batch.input_ids, batch.attention_mask, batch.loss_mask)
         chosen, rejected = rewards[: batch.pairs], rewards[batch.pairs :]
         loss = bradley_terry_loss(chosen, rejected, center_rewards_coefficient=self.center)
         chosen, rejected = chosen.detach(), rejected.detach()
@@ -332,7 +458,11 @@ class RewardObjective(PairObjective):
 
 def reward_model_files(model: RewardModel) -> dict[str, bytes]:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    payload = {"architecture": REWARD_ARCHITECTURE, "config": model.trunk.config.model_dump(mode="json")}
+    payload = {
+        "architecture": REWARD_ARCHITECTURE,
+        "pooling": model.pooling,
+        "config": model.trunk.config.model_dump(mode="json"),
+    }
     return {
         "model.safetensors": save_safetensors(state),
         "model.json": json.dumps(payload, indent=2).encode(),
@@ -344,7 +474,10 @@ def reward_model_from_files(read_bytes: Callable[[str], bytes]) -> RewardModel:
     payload = json.loads(read_bytes("model.json"))
     if payload.get("architecture") != REWARD_ARCHITECTURE:
         raise ConfigError(f"not a reward model: architecture {payload.get('architecture')!r}")
-    model = RewardModel(Decoder(DecoderConfig.model_validate(payload["config"])))
+    # Artifacts written before `pooling` existed read the last token.
+    model = RewardModel(
+        Decoder(DecoderConfig.model_validate(payload["config"])), payload.get("pooling", "last")
+    )
     model.load_state_dict(load_safetensors(read_bytes("model.safetensors")))
     return model.eval()
 
@@ -355,18 +488,33 @@ def run_reward(config: RewardConfig, inputs, ctx, out) -> None:
     cap = trunk.config.seq_len
     train, held, report = preference_data(config, tokenizer, cap)
     ctx.log(report.summary().replace("\n", "; "))
-    objective = RewardObjective(RewardModel(trunk), config.center_rewards_coefficient)
-    data, val = PairSource(train, config.seed, cap), PairSource(held, config.seed, cap)
-    before = evaluate_pairs(objective, val, config.batch_size, config.precision)
+    trunk.requires_grad_(config.train_trunk)
+    objective = RewardObjective(RewardModel(trunk, config.pooling), config.center_rewards_coefficient)
+    if config.train_trunk:
+        data = PairSource(train, config.seed, cap, bucket=config.batch_size)
+        val = PairSource(held, config.seed, cap)
+        # The whole held-out set, sorted by length: the same accuracy with far fewer pad tokens.
+        held_all = PairSource(sorted(held, key=lambda p: p.length), config.seed, cap)
+        seen = PairSource(sorted(train[:256], key=lambda p: p.length), config.seed, cap)
+    else:  # the trunk never changes: its features of every pair are computed once, the head trains on them
+        started = time.perf_counter()
+        batch = max(config.batch_size, 32)
+        train_features = precompute_features(objective.reward, train, cap, batch, config.precision)
+        held_features = precompute_features(objective.reward, held, cap, batch, config.precision)
+        ctx.log(f"features of {len(train) + len(held):,} pairs in {time.perf_counter() - started:.0f} s")
+        data = FeatureSource(train_features, config.seed, cap)
+        val = held_all = FeatureSource(held_features, config.seed, cap)
+        seen = FeatureSource(train_features[:256], config.seed, cap)
+    before = evaluate_pairs(objective, held_all, config.batch_size, config.precision)
+    trainable = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     ctx.log(
-        f"reward model on {checkpoint.short_id}: {len(train):,} training pairs, {len(held):,} held out; "
-        f"held-out accuracy before {before['accuracy']:.1%}"
+        f"reward model on {checkpoint.short_id} ({config.pooling} pooling, "
+        f"{'whole model' if config.train_trunk else 'head only'}: {trainable:,} trainable parameters): "
+        f"{len(train):,} training pairs, {len(held):,} held out; held-out accuracy before {before['accuracy']:.1%}"
     )
     result, metrics = _train(ctx, config, objective, data, val, "training the reward model")
-    after = evaluate_pairs(objective, val, config.batch_size, config.precision)
-    train_eval = evaluate_pairs(
-        objective, PairSource(train[:256], config.seed, cap), config.batch_size, config.precision
-    )
+    after = evaluate_pairs(objective, held_all, config.batch_size, config.precision)
+    train_eval = evaluate_pairs(objective, seen, config.batch_size, config.precision)
 
     for name, payload in reward_model_files(objective.reward).items():
         out.write_bytes(name, payload)
@@ -374,6 +522,9 @@ def run_reward(config: RewardConfig, inputs, ctx, out) -> None:
     out.write_bytes("metrics.jsonl", metrics.path.read_bytes())
     out.metadata.update(
         parameters=sum(p.numel() for p in objective.reward.parameters()),
+        trainable_parameters=trainable,
+        pooling=config.pooling,
+        train_trunk=config.train_trunk,
         model=trunk.config.model_dump(mode="json"),
         steps=result.state.step,
         pairs_seen=result.state.sample,
@@ -403,7 +554,11 @@ def reward_summary(manifest: Manifest) -> list[tuple[str, str]]:
     m = manifest.metadata
     skipped = ", ".join(f"{k} {v}" for k, v in m["load_report"]["skipped"].items()) or "none"
     return [
-        ("reward model on", f"{m['trunk_from'][:12]} ({m['parameters']:,} parameters)"),
+        (
+            "reward model on",
+            f"{m['trunk_from'][:12]} ({m['parameters']:,} parameters, {m.get('pooling', 'last')} pooling, "
+            + ("whole model trained)" if m.get("train_trunk", True) else "head only trained)"),
+        ),
         ("pairs", f"{m['train_pairs']:,} train, {m['held_out_pairs']:,} held out; skipped: {skipped}"),
         ("training steps", f"{m['steps']:,} ({m['pairs_seen']:,} pairs)"),
         (
