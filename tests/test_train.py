@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,6 +280,12 @@ def test_everything_verifies_and_a_flipped_weight_byte_is_refused(trained_store,
 
 
 def test_ctrl_c_during_pretraining_is_audited_and_a_rerun_resumes(tmp_path, resume_recipe):
+    # Ten times the steps of the shared recipe: its 300 tiny steps can all finish while this process
+    # waits for a CPU (a loaded CI machine saw the run end before the SIGINT was sent).
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(Path(resume_recipe).read_text().replace("max_steps: 300", "max_steps: 3000"))
+    assert "max_steps: 3000" in recipe.read_text()
+    resume_recipe = str(recipe)
     store = tmp_path / "store"
     proc = launch(store, resume_recipe)
     deadline = time.time() + 300
