@@ -1,7 +1,7 @@
 """A scalar reward model on the decoder trunk, and the Bradley–Terry pairwise loss.
 
 `RewardModel` = a `Decoder`'s embedding, blocks and final norm (its LM head unused) + `score`, an
-nn.Linear without bias over pooled final hidden states. Two poolings:
+nn.Linear without bias over pooled hidden states. Two poolings:
 
     last        the hidden state of each sequence's last real token (right padding; attention is causal, so
                 the padding after it cannot change the reward): Hugging Face's
