@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import time
 
@@ -102,15 +103,24 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 clock = CLOCKS["wall"]
 
 
-def alternate(steps: dict, n: int) -> dict[str, list[float]]:
-    """Per-step seconds, one step of each model in turn, the order flipped every round."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def alternate(steps: dict, n: int, faults: dict | None = None) -> dict[str, list[float]]:
+    """Per-step seconds, one step of each model in turn, the order flipped every round; with `faults`,
+    each step's minor page faults too (~2 us each on this project's machine; how many depends on the
+    state the process's heap is in, see benchmarks/README.md)."""
     times = {name: [] for name in steps}
     names = list(steps)
     for i in range(n):
         for name in names if i % 2 == 0 else names[::-1]:
+            before = minor_faults()
             start = clock()
             steps[name]()
             times[name].append(clock() - start)
+            if faults is not None:
+                faults.setdefault(name, []).append(minor_faults() - before)
     return times
 
 
@@ -139,13 +149,15 @@ def run_mode(mode: str, args) -> None:
     else:
         best = candidates[0]
 
-    times = alternate({"ours": our_step, "hf": hf_steps[best]}, args.steps)
+    faults = {}
+    times = alternate({"ours": our_step, "hf": hf_steps[best]}, args.steps, faults)
     rate = {name: tok_per_step / statistics.median(ts) for name, ts in times.items()}
     for name, label in (("ours", "ours"), ("hf", f"HF ({best})")):
         ts = times[name]
         print(
             f"  {label:36s} {rate[name]:8,.0f} tokens/s  (median of {len(ts)} steps; "
-            f"fastest {tok_per_step / min(ts):,.0f}, slowest {tok_per_step / max(ts):,.0f})"
+            f"fastest {tok_per_step / min(ts):,.0f}, slowest {tok_per_step / max(ts):,.0f}; "
+            f"median {statistics.median(faults[name]):,.0f} page faults a step)"
         )
     paired = statistics.median(h / o for o, h in zip(times["ours"], times["hf"], strict=True))
     print(
