@@ -125,6 +125,12 @@ def resume_recipe(tmp_path_factory):
     return str(path)
 
 
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, and the child would inherit that, so Python
+    # would never raise KeyboardInterrupt: Ctrl-C must behave as it does in a terminal whoever runs pytest.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def launch(store, recipe):
     env = {**os.environ, "LMLOOM_HOME": str(store), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
@@ -133,6 +139,7 @@ def launch(store, recipe):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
@@ -280,8 +287,7 @@ def test_everything_verifies_and_a_flipped_weight_byte_is_refused(trained_store,
 
 
 def test_ctrl_c_during_pretraining_is_audited_and_a_rerun_resumes(tmp_path, resume_recipe):
-    # Ten times the steps of the shared recipe: its 300 tiny steps can all finish while this process
-    # waits for a CPU (a loaded CI machine saw the run end before the SIGINT was sent).
+    # Ten times the steps of the shared recipe, so the run is still training when the SIGINT arrives.
     recipe = tmp_path / "long.yaml"
     recipe.write_text(Path(resume_recipe).read_text().replace("max_steps: 300", "max_steps: 3000"))
     assert "max_steps: 3000" in recipe.read_text()
