@@ -254,6 +254,46 @@ def test_grpo_raises_the_format_reward(tiny, tmp_path):
     assert "mean reward" in dict(get_stage("align.grpo").summarize(art.manifest))
 
 
+def test_grpo_logged_reward_stats_cover_every_step_since_the_last_log(tiny, tmp_path, monkeypatch):
+    """With log_every 2 (grad_accum 1, one scoring per step), each logged reward statistic is the mean over
+    the two steps since the previous log, not the logged step's alone."""
+    from lmloom.align import grpo_stage
+
+    store, checkpoint, _ = tiny
+    scored: list[tuple[float, float]] = []  # per step: (mean combined reward, mean format reward)
+
+    def distinct(self, samples):  # rewards that differ from step to step (a random tiny model's barely do)
+        k = len(scored)
+        total = [float(k) + 0.25 * i for i in range(len(samples))]
+        means = {"reward/format": 10.0 * k}
+        scored.append((sum(total) / len(total), means["reward/format"]))
+        return total, means
+
+    monkeypatch.setattr(grpo_stage.Scorer, "__call__", distinct)
+    config = {
+        "prompts": str(grpo_prompts(tmp_path / "prompts.jsonl")),
+        "rewards": {"format": 1.0},
+        "reward_settings": {"max_chars": 26},
+        "max_steps": 4,
+        "log_every": 2,
+        "batch_size": 1,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "optim": {"lr": 1e-2},
+        "precision": "fp32",
+        "threads": 1,
+        "safety_eval": False,
+        "eval_prompts": 0,
+        "checkpoint_every": 100,
+    }
+    rows = records(run_stage(store, "align.grpo", checkpoint, config))
+    assert [r["step"] for r in rows] == [2, 4] and len(scored) == 4
+    for row, window in zip(rows, (scored[:2], scored[2:]), strict=True):
+        assert row["reward/mean"] == pytest.approx(sum(m for m, _ in window) / 2)
+        assert row["reward/format"] == pytest.approx(sum(f for _, f in window) / 2)
+        assert "kl" in row and "clip_fraction" in row
+
+
 # -- align.constitutional -----------------------------------------------------------------------------
 
 

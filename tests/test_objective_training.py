@@ -216,7 +216,7 @@ def test_mixture_draws_match_the_weights_and_are_seeded():
     from lmloom.train.objective_stage import MixtureLoader
 
     def draws(seed):
-        loader = MixtureLoader(None, {}, {"clm": 0.75, "prefix_lm": 0.25}, seed, None, 10, 100)
+        loader = MixtureLoader(None, {}, {"clm": 0.75, "prefix_lm": 0.25}, seed, None)
         return [loader.task_of(sample) for sample in range(0, 4000 * 8, 8)]
 
     tasks = draws(1337)
@@ -240,7 +240,7 @@ def test_a_mixture_of_objectives_logs_per_task_losses_and_shares(corpus, store, 
     assert set(meta["task_val_loss"]) == {"clm", "prefix_lm"}
     assert all(math.isfinite(v) and 0 < v < 10 for v in meta["task_val_loss"].values())
     # Each micro-batch's task is a pure function of (seed, first sample): recount them from the loader.
-    loader = MixtureLoader(None, {}, {"clm": 0.75, "prefix_lm": 0.25}, 1337, None, 1, steps)
+    loader = MixtureLoader(None, {}, {"clm": 0.75, "prefix_lm": 0.25}, 1337, None)
     drawn = [loader.task_of(micro * 4) for micro in range(steps * accum)]
     assert meta["task_share"] == {
         name: round(drawn.count(name) / len(drawn), 4) for name in ("clm", "prefix_lm")

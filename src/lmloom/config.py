@@ -16,10 +16,10 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmloom.errors import ConfigError
 
@@ -28,6 +28,55 @@ class StrictConfig(BaseModel):
     """Base of every stage config: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Groups of keys that are alternatives (give one of them): a block given over a default that set
+    # one key of a group replaces the whole group, e.g. DP's target_epsilon and noise_multiplier.
+    alternative_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
+        """A mapping given for a nested block overrides only its own keys of the field's default.
+
+        `optim: {lr: 0.01}` (what `--set sft.optim.lr=0.01` makes when the recipe has no optim block)
+        keeps the stage's own `OptimConfig(lr=1e-3, warmup_steps=20)` warmup instead of starting again
+        from OptimConfig's class defaults.
+        """
+        if not isinstance(data, dict):
+            return data
+        merged = None
+        for name, field in cls.model_fields.items():
+            value = data.get(name)
+            if not isinstance(value, dict) or field.is_required():
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel) and _same_tag(default, value):
+                merged = merged if merged is not None else dict(data)
+                merged[name] = _overlay(default, value)
+        return data if merged is None else merged
+
+
+def _same_tag(default: BaseModel, value: dict[str, Any]) -> bool:
+    """False when `value` picks another member of a `type`-tagged union than the default is."""
+    if "type" not in type(default).model_fields:
+        return True
+    return value.get("type", default.type) == default.type
+
+
+def _overlay(default: BaseModel, value: dict[str, Any]) -> dict[str, Any]:
+    """The fields set on `default`, with `value` on top (nested blocks overlaid the same way)."""
+    merged = default.model_dump(exclude_unset=True)
+    for group in getattr(type(default), "alternative_keys", ()):
+        if value.keys() & set(group):
+            for key in group:
+                merged.pop(key, None)
+    for key, item in value.items():
+        current = getattr(default, key) if key in type(default).model_fields else None
+        if isinstance(item, dict) and isinstance(current, BaseModel) and _same_tag(current, item):
+            merged[key] = _overlay(current, item)
+        else:
+            merged[key] = item
+    return merged
 
 
 class StageSpec(StrictConfig):

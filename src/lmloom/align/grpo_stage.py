@@ -12,10 +12,11 @@ loss) and the batch source is `RolloutSource`, whose batch for sample index i sa
 with a generator seeded by (seed, i) from the policy as it is at that moment. Since the policy at a step
 is restored exactly from a checkpoint, a resumed run samples the same completions and replays the
 uninterrupted one (with `num_iterations` > 1 only when it resumes at the start of a generation round).
-The per-step statistics (reward mean and std, each reward's mean, KL, clip fraction, completion length,
-groups with no signal) go to metrics.jsonl through the source's `describe` hook. `train_loop`'s
-validation loss has no meaning here (there is no held-out loss to fall): instead the stage scores a
-held-out set of prompts (one greedy completion each) before and after training.
+The statistics (reward mean and std, each reward's mean, KL, clip fraction, completion length, groups
+with no signal), averaged over the steps since the last logged one, go to metrics.jsonl through the
+source's `describe` hook. `train_loop`'s validation loss has no meaning here (there is no held-out loss
+to fall): instead the stage scores a held-out set of prompts (one greedy completion each) before and
+after training.
 
 Prompts: `prompts: builtin` takes the standard-library instruction set's "write a function" instructions
 (its held-out modules for the held-out prompts) and, with `safety_prompts: true`, the safety set's prompts
@@ -405,6 +406,8 @@ class RolloutSource:
         return RolloutBatch(input_ids, loss_mask, advantages, old, ref)
 
     def describe(self, step: int) -> dict[str, float]:
+        """The statistics of every step since the last call (`train_loop` calls it on the steps it logs),
+        averaged."""
         stats, self._stats = self._stats, []
         merged = _mean_dicts(stats)
         if self.objective is not None:

@@ -415,7 +415,9 @@ def generic(value: Any, depth: int = 0) -> str:
             # Deeper tables (per-template results of an audit) are detail: folded, so that the
             # headline figures stay on one screen and nested columns are not squeezed to a letter wide.
             summary = f"{len(value)} rows: {', '.join(keys[:6])}{', …' if len(keys) > 6 else ''}"
-            return f"<details><summary>{esc(summary)}</summary>{table(keys[:20], rows, 'inner')}{more}</details>"
+            return (
+                f"<details><summary>{esc(summary)}</summary>{table(keys[:20], rows, 'inner')}{more}</details>"
+            )
         shown = ", ".join(
             fmt(v) if not isinstance(v, dict | list) else json.dumps(v)[:80] for v in value[:50]
         )

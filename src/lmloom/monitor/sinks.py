@@ -344,7 +344,7 @@ class MultiSink(MetricSink):
         self._each("event", kind, **fields)
 
     def truncate_after(self, step: int) -> None:
-        self.last_step = min(self.last_step, step)
+        self.last_step = max(0, min(self.last_step, step))  # -1 (a fresh start drops all) is step 0
         self._each("truncate_after", step)
 
     def close(self) -> None:

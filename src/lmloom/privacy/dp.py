@@ -45,6 +45,8 @@ class DPConfig(StrictConfig):
     """DP-SGD: give either `target_epsilon` (the noise is calibrated to reach it at the last step) or
     `noise_multiplier` (epsilon follows from it)."""
 
+    alternative_keys = (("target_epsilon", "noise_multiplier"),)
+
     target_epsilon: float | None = Field(None, gt=0, description="epsilon to reach after max_steps")
     noise_multiplier: float | None = Field(None, ge=0, description="noise std / max_grad_norm")
     delta: float | None = Field(

@@ -126,10 +126,8 @@ def run(config: DPPretrainConfig, inputs, ctx, out) -> None:
     every = config.log_every
     private: PrivateTraining | None = None
 
-    def describe(step: int) -> dict:  # step = the 0-based step just taken; epsilon when it is logged
+    def describe(step: int) -> dict:  # step = the 0-based step just taken, one that train_loop logs
         done = step + 1
-        if done % every and done != config.max_steps:
-            return {}
         eps = private.epsilon(done)
         if done % every == 0:
             ctx.log(f"step {done}: epsilon {eps:.3f} (delta {private.delta:.2e})")

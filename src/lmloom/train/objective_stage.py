@@ -26,8 +26,8 @@ Each micro-batch draws its task from the weights with the same seeded per-batch 
 draws the objective's own randomness, so the task of a batch is a pure function of (seed, first sample)
 and resume stays exact. `MixtureLoss` scores each batch with its task's loss and keeps per-task running
 sums in buffers (saved with the checkpoint); the loader's `describe()` reads them into the metrics log
-as `loss/<task>` and `task_share/<task>` (share of micro-batches), averaged since the last `log_every`
-boundary. Validation during training scores each validation batch under a task drawn the same way; the
+as `loss/<task>` and `task_share/<task>` (share of micro-batches), averaged since the last logged
+step. Validation during training scores each validation batch under a task drawn the same way; the
 metadata holds every task's own validation loss (`task_val_loss`) and the run's task shares.
 """
 
@@ -224,8 +224,9 @@ class MixtureLoss(torch.nn.Module):
         return loss
 
     @torch.no_grad()
-    def window(self, reset: bool) -> dict[str, float]:
-        """`loss/<task>` (mean over the task's micro-batches) and `task_share/<task>` since the last reset."""
+    def window(self) -> dict[str, float]:
+        """`loss/<task>` (mean over the task's micro-batches) and `task_share/<task>` since the last call;
+        then the sums start again."""
         total = float(self.task_batches.sum())
         out: dict[str, float] = {}
         for i, name in enumerate(self.tasks):
@@ -234,9 +235,8 @@ class MixtureLoss(torch.nn.Module):
                 out[f"loss/{name}"] = float(self.task_loss_sum[i]) / n
             if total:
                 out[f"task_share/{name}"] = round(n / total, 4)
-        if reset:
-            self.task_loss_sum.zero_()
-            self.task_batches.zero_()
+        self.task_loss_sum.zero_()
+        self.task_batches.zero_()
         return out
 
 
@@ -367,14 +367,11 @@ class MixtureLoader:
         tasks: dict[str, float],
         seed: int,
         loss: MixtureLoss,
-        log_every: int,
-        max_steps: int,
     ):
         self.base, self.transforms, self.seed, self.loss = base, transforms, seed, loss
         self.names = list(tasks)
         self.bounds = torch.tensor(list(tasks.values()), dtype=torch.float64).cumsum(0)
         self.bounds[-1] = 1.0
-        self.log_every, self.max_steps = log_every, max_steps
 
     def draw(self, gen: torch.Generator) -> str:
         """The task of a batch: one uniform draw from its generator against the cumulative weights."""
@@ -393,9 +390,8 @@ class MixtureLoader:
         return self.transforms[task](windows, gen)
 
     def describe(self, step: int) -> dict[str, float]:
-        """Per-task mean loss and task share since the last log_every boundary (0-based `step`)."""
-        done = step + 1
-        return self.loss.window(reset=done % self.log_every == 0 or done == self.max_steps)
+        """Per-task mean loss and task share since the last call (`train_loop` calls it on logged steps)."""
+        return self.loss.window()
 
 
 def mixture_val_batches(
@@ -437,9 +433,7 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
     windows = WindowLoader(train, config.seq_len, seed=config.seed)
     transforms = {task: objective_transform(config, vocab, task) for task in config.tasks}
     if config.objective == MIXTURE:
-        data = MixtureLoader(
-            windows, transforms, config.tasks, config.seed, loss_model, config.log_every, config.max_steps
-        )
+        data = MixtureLoader(windows, transforms, config.tasks, config.seed, loss_model)
 
         def val_batches(limit):
             return mixture_val_batches(val, config.seq_len, config.batch_size, limit, data, config.seed)

@@ -152,6 +152,8 @@ def train_loop(
         monitor.load_state_dict((state.extra or {}).get("guard") or {})
         metrics.truncate_after(state.step)
         log(f"resuming from {latest.name} (step {state.step}, sample {state.sample})")
+    else:  # a fresh start: whatever an earlier run logged here died with it (it left no checkpoint)
+        metrics.truncate_after(-1)
     resumed_from = state.step
     last = state.extra or {}
     train_loss, val_loss = last.get("train_loss", math.nan), last.get("val_loss")
@@ -274,16 +276,18 @@ def train_loop(
             record["micro_batch"] = micro
         if growing:
             record.update(depth=model.config.n_layers, **grown)
-        describe = getattr(data, "describe", None)  # e.g. the curriculum's pool and difficulty
-        if describe is not None:
-            record.update(describe(state.step - 1))
-        if state.step == cfg.max_steps:
-            val_loss = runner.evaluate(model, val_batches(cfg.final_eval_windows), cfg.precision)
-            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-        elif state.step % cfg.eval_every == 0:
-            val_loss = runner.evaluate(model, val_batches(cfg.eval_windows), cfg.precision)
-            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
-        if state.step % cfg.log_every == 0 or "val_loss" in record or grown:
+        final = state.step == cfg.max_steps
+        evaluating = final or state.step % cfg.eval_every == 0
+        if state.step % cfg.log_every == 0 or evaluating or grown:
+            # Called only on the steps that are logged: a source that gathers per-step statistics (GRPO's
+            # rewards, DPO's margins, a mixture's per-task losses) reports the mean since its last call.
+            describe = getattr(data, "describe", None)  # e.g. the curriculum's pool and difficulty
+            if describe is not None:
+                record.update(describe(state.step - 1))
+            if evaluating:
+                windows = cfg.final_eval_windows if final else cfg.eval_windows
+                val_loss = runner.evaluate(model, val_batches(windows), cfg.precision)
+                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
             metrics.log(state.step, **record, tokens_per_s=tok_s, elapsed_s=now - started)
         if progress is not None:
             progress.update(state.step)
