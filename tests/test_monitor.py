@@ -158,6 +158,35 @@ def test_open_sinks_from_a_monitor_block(tmp_path):
     assert MonitorConfig().model_dump()["prometheus_host"] == "127.0.0.1"
 
 
+def test_resources_jsonl_is_truncated_with_the_metrics(tmp_path):
+    """A rerun after a crash: resources.jsonl drops the dead run's samples past the resume point (all
+    of them on a fresh start), like metrics.jsonl, so its steps never go backwards."""
+    work = tmp_path / "work"
+    resources = work / "resources.jsonl"
+    config = MonitorConfig(resources=True, resource_interval_s=3600)  # samples only when told to here
+
+    def rerun(resume_step: int) -> list[int]:
+        sinks = open_sinks(config, work / "metrics.jsonl", store_root=tmp_path)
+        sampler = next(s for s in sinks.owned if isinstance(s, ResourceSampler))
+        try:
+            sinks.truncate_after(resume_step)  # what train_loop does first
+            sampler.sample()  # before the resumed run's first log: at the resume step
+            sinks.log(resume_step + 1, loss=1.0)
+            sampler.sample()
+        finally:
+            sinks.close()  # one last sample, at the last logged step
+        return [json.loads(line)["step"] for line in resources.read_text().splitlines()]
+
+    work.mkdir()
+    dead = JsonlSink(resources)  # the crashed run's samples, and an alert among them
+    for step in range(1, 6):
+        dead.log(step, **{"resource/ram_percent": 50.0})
+    dead.event("resource_alert", metric="resource/ram_percent", step=5)
+
+    assert rerun(3) == [1, 2, 3, 3, 4, 4]  # resumed at step 3: the dead run's 4, 5 and its alert gone
+    assert rerun(-1) == [0, 0, 0]  # a fresh start: nothing of the earlier runs
+
+
 # -- resources ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reader", ["default", "proc"])
 def test_resource_sampler_samples_and_alerts_once_per_crossing(tmp_path, monkeypatch, reader):

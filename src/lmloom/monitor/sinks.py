@@ -106,6 +106,10 @@ class JsonlSink(JsonlMetrics, MetricSink):
         step = fields.pop("step", self.last_step)
         self.log(step, **{EVENT_KEY: kind, **fields})
 
+    def truncate_after(self, step: int) -> None:
+        with self._lock:  # not while the sampler's thread is appending a line
+            super().truncate_after(step)
+
 
 # -- TensorBoard ------------------------------------------------------------------------------------
 class TensorBoardSink(MetricSink):
@@ -297,12 +301,14 @@ class MultiSink(MetricSink):
     others or the training run: its error is kept in `errors` and it is dropped.
 
     Drop-in for `JsonlMetrics`: `path`, `records()` and `truncate_after()` are those of the first JSONL
-    sink (truncation is passed to every sink that supports it).
+    sink (truncation is passed to every sink that supports it, and to every `owned` thing that does,
+    e.g. the resource sampler's own `resources.jsonl`).
     """
 
     def __init__(self, sinks: Iterable[MetricSink], owned: Iterable[Any] = ()):
         self.sinks = list(sinks)
-        self.owned = list(owned)  # closed before the sinks (e.g. a resource sampler logging into us)
+        # Closed before the sinks (e.g. a resource sampler logging into us), truncated with them if they can be.
+        self.owned = list(owned)
         self.errors: list[tuple[str, str]] = []
         self.last_step = 0
 
@@ -344,8 +350,18 @@ class MultiSink(MetricSink):
         self._each("event", kind, **fields)
 
     def truncate_after(self, step: int) -> None:
-        self.last_step = max(0, min(self.last_step, step))  # -1 (a fresh start drops all) is step 0
+        # The run is at `step` now (a resume, a rollback; -1, a fresh start, is step 0): the resource
+        # sampler logs at `last_step`, so its samples until the next log are at `step`, not before it.
+        self.last_step = max(0, step)
         self._each("truncate_after", step)
+        for thing in self.owned:
+            truncate = getattr(thing, "truncate_after", None)
+            if truncate is None:
+                continue
+            try:
+                truncate(step)
+            except Exception as exc:  # noqa: BLE001  (like a monitoring sink: must not end the run)
+                self.errors.append((type(thing).__name__, f"{type(exc).__name__}: {exc}"))
 
     def close(self) -> None:
         for thing in self.owned:
@@ -421,13 +437,6 @@ def open_sinks(
         )
         sampler.start()
         multi.owned.append(sampler)
-        multi.owned.append(_Closer(resource_sinks.sinks[0]))  # its own JSONL; the others close with multi
+        # Its own JSONL, closed and truncated with multi (the others are multi's sinks already).
+        multi.owned.append(resource_sinks.sinks[0])
     return multi
-
-
-class _Closer:
-    def __init__(self, sink: MetricSink):
-        self.sink = sink
-
-    def close(self) -> None:
-        self.sink.close()

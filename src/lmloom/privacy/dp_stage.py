@@ -23,20 +23,19 @@ from pydantic import Field, model_validator
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
-from lmloom.models.decoder import Decoder, DecoderConfig
+from lmloom.models.decoder import Decoder
 from lmloom.models.io import model_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.privacy.dp import DPConfig, PrivateTraining, WindowDataset, forward_backward, make_private
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
 from lmloom.tokenizers.loader import validation_batches
-from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.guards import StabilityGuard
 from lmloom.train.optim import build_optimizer
 from lmloom.train.runners import LocalRunner
-from lmloom.train.stage import ModelShape
+from lmloom.train.stage import ModelShape, check_encoded_with, decoder_config
 from lmloom.train.trainer import LoopConfig, train_loop
 
 # Per-step figures computed on private training data without noise.
@@ -98,19 +97,10 @@ class DPRunner(LocalRunner):
 
 def run(config: DPPretrainConfig, inputs, ctx, out) -> None:
     shards_art, tok_art = inputs["shards"], inputs["tokenizer"]
-    if shards_art.manifest.inputs.get("tokenizer") != tok_art.id:
-        raise ConfigError(
-            f"stages.{ctx.step}.inputs: shards {shards_art.short_id} were not encoded with tokenizer "
-            f"{tok_art.short_id}"
-        )
+    check_encoded_with(shards_art, tok_art, f"stages.{ctx.step}.inputs")
     if config.threads:
         torch.set_num_threads(config.threads)
-    vocab = load_tokenizer(tok_art).vocab_size
-    shape = config.model.model_dump()
-    shape["vocab_size"] = shape["vocab_size"] or vocab
-    if shape["vocab_size"] < vocab:
-        raise ConfigError(f"model.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab}")
-    model_cfg = DecoderConfig.model_validate(shape)
+    model_cfg = decoder_config(config.model, tok_art)
     seq_len = model_cfg.seq_len
 
     torch.manual_seed(config.seed)

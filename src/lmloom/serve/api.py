@@ -518,21 +518,22 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _completion_chunks(engine, submitted, echoes, body, request_id, model_name, prompt_tokens):
+def _chunk_maker(kind: str, request_id: str, model_name: str):
+    """The streamed chunks of one response: its id, object kind, creation time and model on every one."""
     created = int(time.time())
-    finals: list[RequestOutput] = []
 
     def chunk(choices, usage=None):
-        out = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-        }
+        out = {"id": request_id, "object": kind, "created": created, "model": model_name, "choices": choices}
         if usage is not None:
             out["usage"] = usage
         return out
+
+    return chunk
+
+
+async def _completion_chunks(engine, submitted, echoes, body, request_id, model_name, prompt_tokens):
+    chunk = _chunk_maker("text_completion", request_id, model_name)
+    finals: list[RequestOutput] = []
 
     echoed = set()
     async for index, out in _outputs(engine, submitted):
@@ -551,20 +552,8 @@ async def _completion_chunks(engine, submitted, echoes, body, request_id, model_
 
 
 async def _chat_chunks(engine, submitted, body, request_id, model_name, prompt_tokens):
-    created = int(time.time())
+    chunk = _chunk_maker("chat.completion.chunk", request_id, model_name)
     finals: list[RequestOutput] = []
-
-    def chunk(choices, usage=None):
-        out = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_name,
-            "choices": choices,
-        }
-        if usage is not None:
-            out["usage"] = usage
-        return out
 
     for i in range(len(submitted[0])):  # the role first, for every choice
         delta = {"role": "assistant", "content": ""}

@@ -64,6 +64,7 @@ from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.curriculum import _mix
 from lmloom.train.optim import build_optimizer
+from lmloom.train.stage import check_encoded_with
 from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 
 PAIRS = {"gpt": ("clm", "prefix_lm"), "llama": ("clm", "prefix_lm"), "bert": ("mlm",), "t5": ("span",)}
@@ -418,10 +419,7 @@ def objective_val_batches(
 
 def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
     shards_art, tok_art = inputs["shards"], inputs["tokenizer"]
-    if shards_art.manifest.inputs.get("tokenizer") != tok_art.id:
-        raise ConfigError(
-            f"stages.{ctx.step}.inputs: shards {shards_art.short_id} were not encoded with tokenizer {tok_art.short_id}"
-        )
+    check_encoded_with(shards_art, tok_art, f"stages.{ctx.step}.inputs")
     vocab = load_tokenizer(tok_art).vocab_size
     torch.manual_seed(config.seed)
     try:

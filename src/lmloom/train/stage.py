@@ -95,21 +95,30 @@ class PretrainConfig(LoopConfig):
         return self
 
 
-def run(config: PretrainConfig, inputs, ctx, out) -> None:
-    shards_art, tok_art = inputs["shards"], inputs["tokenizer"]
+def check_encoded_with(shards_art, tok_art, where: str) -> None:
+    """Refuse token shards that were encoded with another tokenizer than the one given beside them."""
     if shards_art.manifest.inputs.get("tokenizer") != tok_art.id:
         raise ConfigError(
-            f"stages.{ctx.step}.inputs: shards {shards_art.short_id} were not encoded with tokenizer "
-            f"{tok_art.short_id}"
+            f"{where}: shards {shards_art.short_id} were not encoded with tokenizer {tok_art.short_id}"
         )
-    if config.threads:
-        torch.set_num_threads(config.threads)
+
+
+def decoder_config(model: ModelShape, tok_art) -> DecoderConfig:
+    """The decoder's shape with the tokenizer's vocabulary filled in (or checked: it may be larger)."""
     vocab = load_tokenizer(tok_art).vocab_size  # loads (and so checks) the tokenizer before training
-    shape = config.model.model_dump()
+    shape = model.model_dump()
     shape["vocab_size"] = shape["vocab_size"] or vocab
     if shape["vocab_size"] < vocab:
         raise ConfigError(f"model.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab}")
-    model_cfg = DecoderConfig.model_validate(shape)
+    return DecoderConfig.model_validate(shape)
+
+
+def run(config: PretrainConfig, inputs, ctx, out) -> None:
+    shards_art, tok_art = inputs["shards"], inputs["tokenizer"]
+    check_encoded_with(shards_art, tok_art, f"stages.{ctx.step}.inputs")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_cfg = decoder_config(config.model, tok_art)
 
     launch = distributed.world()
     if launch.launched:
@@ -366,10 +375,7 @@ def _task_shards(config: PretrainConfig, inputs, tok_art, step: str) -> dict:
         {role: art for role, art in inputs.items() if role not in ("shards", "tokenizer", REFERENCE)}
     )
     for role, art in tasks.items():
-        if art.manifest.inputs.get("tokenizer") != tok_art.id:
-            raise ConfigError(
-                f"stages.{step}.inputs.{role}: shards {art.short_id} were not encoded with tokenizer {tok_art.short_id}"
-            )
+        check_encoded_with(art, tok_art, f"stages.{step}.inputs.{role}")
     unknown = sorted(set(config.task_weights) - set(tasks))
     if unknown:
         raise ConfigError(
