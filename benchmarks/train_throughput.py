@@ -14,6 +14,7 @@ alternate between the models so that background load hits both alike; the median
 
 Usage:  python benchmarks/train_throughput.py [--modes eager-fp32,compile-bf16] [--steps 10] [--d-model ...]
         python benchmarks/train_throughput.py --threads 1 --clock cpu    # on a shared machine
+        python benchmarks/train_throughput.py --device cuda --d-model 1024 --n-layers 8 --batch-size 32
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ HF_ATTENTION = ("sdpa", "eager")
 OPTIMIZER = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
 
-def build_ours(args) -> Decoder:
+def build_ours(args, device: str = "cpu") -> Decoder:
     cfg = DecoderConfig(
         vocab_size=args.vocab_size,
         seq_len=args.seq_len,
@@ -49,7 +50,7 @@ def build_ours(args) -> Decoder:
         n_kv_heads=args.n_kv_heads,
     )
     torch.manual_seed(0)
-    return Decoder(cfg).train()
+    return Decoder(cfg).to(device).train()
 
 
 def build_hf(ours: Decoder, attn_implementation: str) -> torch.nn.Module:
@@ -57,6 +58,7 @@ def build_hf(ours: Decoder, attn_implementation: str) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM(to_hf_config(ours.config, attn_implementation=attn_implementation))
+    hf = hf.to(ours.tok_emb.weight.device)
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict(), ours.config), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
@@ -68,8 +70,9 @@ def make_step(model: torch.nn.Module, is_hf: bool, mode: str, tokens: torch.Tens
     """A closure running one full training step; returns the loss tensor."""
     opt = torch.optim.AdamW(model.parameters(), **OPTIMIZER)
     fwd = torch.compile(model) if mode == "compile-bf16" else model
+    device = tokens.device.type
     autocast = (
-        (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        (lambda: torch.autocast(device, dtype=torch.bfloat16))
         if mode == "compile-bf16"
         else contextlib.nullcontext
     )
@@ -97,6 +100,11 @@ def warm_up(name: str, step, n: int) -> None:
         f"first loss {loss:.4f}",
         flush=True,
     )
+
+
+def _cuda_wall() -> float:
+    torch.cuda.synchronize()  # a step's kernels are queued: time them when they have run
+    return time.perf_counter()
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -127,9 +135,9 @@ def alternate(steps: dict, n: int, faults: dict | None = None) -> dict[str, list
 def run_mode(mode: str, args) -> None:
     tokens = torch.randint(
         0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=torch.Generator().manual_seed(1)
-    )
+    ).to(args.device)
     tok_per_step = args.batch_size * args.seq_len
-    ours = build_ours(args)
+    ours = build_ours(args, args.device)
     candidates = HF_ATTENTION if args.hf_attn == "auto" else (args.hf_attn,)
     hf_models = {impl: build_hf(ours, impl) for impl in candidates}  # from the same initial weights
     our_step = make_step(ours, False, mode, tokens)
@@ -176,6 +184,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--hf-attn", default="auto", choices=("auto", *HF_ATTENTION))
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (timed by wall clock after a synchronize)")
     p.add_argument(
         "--clock",
         default="wall",
@@ -186,6 +195,12 @@ def main() -> None:
     args = p.parse_args()
     global clock
     clock = CLOCKS[args.clock]
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            p.error(f"--device {args.device}: this torch has no usable CUDA device")
+        if args.clock != "wall":
+            p.error("--device cuda is timed by wall clock only")
+        clock = _cuda_wall
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
@@ -196,7 +211,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"{args.clock} clock"
+        f"{args.clock} clock, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
     )
     print(
         "shape: "
@@ -207,7 +223,7 @@ def main() -> None:
     print(
         f"params: {ours.num_params():,} (HF: same weights, tied head); "
         f"ours attends with _CausalAttention in eager float32 and with "
-        f"blocked_causal_attention under torch.compile on CPU"
+        f"blocked_causal_attention under torch.compile on CPU (SDPA elsewhere)"
     )
     del ours
     for mode in modes:
