@@ -104,6 +104,13 @@ def test_task_files_are_what_the_builder_makes():
     assert {item["label"] for item in mc} == {0, 1, 2, 3}
 
 
+def test_an_artifact_id_that_looks_like_a_number_stays_text():
+    # lm_eval's own parser makes 0129655790 the int 129655790 (a CI run drew such an id) and 12e4567890 a float.
+    args = harness.parse_model_args("model=0129655790,store=/tmp/0123,batch_size=4")
+    assert args == {"model": "0129655790", "store": "/tmp/0123", "batch_size": 4}
+    assert harness.parse_model_args("pretrained=12e4567890")["pretrained"] == "12e4567890"
+
+
 def test_lm_eval_runs_both_local_tasks_on_a_checkpoint(tiny, no_network):
     root, artifact = tiny["root"], tiny["artifact"]
     results = lm_eval.simple_evaluate(

@@ -55,7 +55,7 @@ from lmloom.errors import ConfigError, LmloomError
 try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 except ImportError as exc:  # lmloom works without it; only this module needs it
     raise LmloomError(
         f"evaluating with lm-evaluation-harness needs the lm-eval package ({exc}); pip install 'lmloom[eval]'"
@@ -66,6 +66,19 @@ MODEL_TYPE = "lmloom"
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_MAX_GEN_TOKS = 256
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "seed")
+TEXT_ARGS = ("model", "pretrained", "store")  # model_args kept as written, never read as numbers
+
+
+def parse_model_args(arg_string: str | None) -> dict[str, Any]:
+    """`key=value,...` as lm_eval parses it, except the artifact id and the store path, which stay text:
+    lm_eval reads a value that looks like a number as one, so an id prefix such as 0129655790 would
+    lose its leading zero (and 12e4567890 would become 1.2e13)."""
+    args = simple_parse_args_string(arg_string)
+    for item in (arg_string or "").split(","):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() in TEXT_ARGS:
+            args[key.strip()] = value.strip()
+    return args
 
 
 def tasks_dir() -> Path:
@@ -132,6 +145,11 @@ def open_checkpoint(store: str | Path | None, model: str):
 @register_model(MODEL_TYPE)
 class LmloomLM(TemplateLM):
     """An lmloom checkpoint as an lm_eval language model (see the module docstring)."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> LmloomLM:
+        extra = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        return cls(**parse_model_args(arg_string), **extra)
 
     def __init__(
         self,
