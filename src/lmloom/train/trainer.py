@@ -29,6 +29,7 @@ from lmloom.config import StrictConfig
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.train.checkpoint import CheckpointCodecs, TrainState
 from lmloom.train.guards import ParamSnapshot, StabilityGuard, StabilityMonitor
+from lmloom.train.heap import keep_freed_memory
 from lmloom.train.optim import OptimConfig, build_optimizer, lr_at
 from lmloom.train.progressive import (
     BatchSizeRamp,
@@ -127,6 +128,8 @@ def train_loop(
     (and the optimizer, rebuilt by `build_optimizer(model, cfg.optim)` with the moments carried over):
     use `LoopResult.model`, not the model passed in, after the loop.
     """
+    if next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()  # glibc would hand each step's activations back to the kernel (heap.py)
     runner = runner or LocalRunner(checkpoint_dir, checkpoint_codecs)
     growing = depth_growth is not None and depth_growth.enabled
     if growing and runner.distributed:
