@@ -30,6 +30,7 @@ import torch
 
 from lmloom.models.decoder import Decoder, DecoderConfig
 from lmloom.models.hf_llama import to_hf_config, to_hf_state_dict
+from lmloom.train.heap import keep_freed_memory
 
 # The benchmark shape, in one place: the quickstart recipe's model and batch (src/lmloom/recipes/quickstart.yaml).
 DEFAULTS = dict(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, batch_size=16)
@@ -186,6 +187,12 @@ def main() -> None:
     p.add_argument("--hf-attn", default="auto", choices=("auto", *HF_ATTENTION))
     p.add_argument("--device", default="cpu", help="cpu, or cuda (timed by wall clock after a synchronize)")
     p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="set glibc's thresholds as lmloom's training loop does (lmloom/train/heap.py), for both models: "
+        "freed memory stays mapped between steps (blocks over 32 MiB are still mapped and unmapped each time)",
+    )
+    p.add_argument(
         "--clock",
         default="wall",
         choices=tuple(CLOCKS),
@@ -205,6 +212,8 @@ def main() -> None:
     if unknown := set(modes) - set(MODES):
         p.error(f"unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        p.error("--keep-freed-memory: not glibc on Linux, or a MALLOC_* variable is set")
 
     import transformers
 
@@ -212,6 +221,7 @@ def main() -> None:
         f"torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
         f"{args.clock} clock, device {args.device}"
+        + (", glibc keeps freed memory" if args.keep_freed_memory else "")
         + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
     )
     print(
