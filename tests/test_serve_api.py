@@ -147,6 +147,46 @@ def test_stop_ids_stop_strings_and_context_check(tokenizer):
             eng.submit([1] * 90, SamplingParams(max_tokens=7), lambda out: None)
 
 
+def test_an_extreme_repetition_penalty_samples_finite_probabilities():
+    # The fuzzer found it: 5e-324 divides seen tokens' logits to inf, and the softmax made nan of them.
+    model = tiny_model(97)
+    with Engine(model, max_batch_size=2) as eng:
+        for penalty in (5e-324, 1e300):
+            (out,) = eng.generate(
+                [[3, 4, 5]], SamplingParams(max_tokens=4, seed=1, repetition_penalty=penalty)
+            )
+            assert out.error is None and out.finish_reason == "length" and len(out.token_ids) == 4
+
+
+def test_a_request_whose_sampling_fails_leaves_the_batch_running(monkeypatch):
+    """The failing request ends with its error; the others in the engine are decoded as if alone."""
+    model = tiny_model(97)
+    expected = generate(model, [5, 6], max_new_tokens=8, temperature=0)
+    with Engine(model, max_batch_size=3) as eng:
+        real = eng._sample
+
+        def sample(seq, logits):
+            if seq.params.seed == 666:
+                raise RuntimeError("sampling bug")
+            return real(seq, logits)
+
+        monkeypatch.setattr(eng, "_sample", sample)
+        outs, finished = {}, threading.Event()
+
+        def on_output(name, out):
+            if out.finished:
+                outs[name] = out
+                if len(outs) == 2:
+                    finished.set()
+
+        bad = SamplingParams(max_tokens=8, temperature=0.8, seed=666)
+        eng.submit([1, 2, 3], bad, lambda out: on_output("bad", out))
+        eng.submit([5, 6], SamplingParams(max_tokens=8, temperature=0), lambda out: on_output("good", out))
+        assert finished.wait(30)
+    assert isinstance(outs["bad"].error, RuntimeError) and outs["bad"].finish_reason == "abort"
+    assert outs["good"].error is None and outs["good"].token_ids == expected
+
+
 # ---- the HTTP API through the official client -------------------------------------------------------------
 
 

@@ -508,6 +508,7 @@ class Engine:
                 self.metrics.prompt_tokens(len(seq.prompt))
                 self._running[seq.slot] = seq
                 self._accept([seq], logits[None])
+        self._cleanup()  # a sequence its first token finished (or whose sampling failed) has no decode step
         if self._running:
             self._decode()
         self._cleanup()
@@ -599,9 +600,10 @@ class Engine:
         if p.repetition_penalty != 1:
             seen = torch.tensor(seq.prompt + seq.tokens, dtype=torch.long, device=logits.device).unique()
             picked = logits[seen]
-            logits[seen] = torch.where(
-                picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty
-            )
+            penalized = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            # A valid but extreme penalty (5e-324) overflows to inf, and inf - inf is nan in the softmax.
+            big = torch.finfo(logits.dtype).max
+            logits[seen] = penalized.clamp(-big, big)
         if (p.presence_penalty or p.frequency_penalty) and seq.tokens:
             counts = torch.bincount(
                 torch.tensor(seq.tokens, device=logits.device), minlength=logits.shape[-1]
