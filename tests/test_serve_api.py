@@ -147,15 +147,20 @@ def test_stop_ids_stop_strings_and_context_check(tokenizer):
             eng.submit([1] * 90, SamplingParams(max_tokens=7), lambda out: None)
 
 
-def test_an_extreme_repetition_penalty_samples_finite_probabilities():
-    # The fuzzer found it: 5e-324 divides seen tokens' logits to inf, and the softmax made nan of them.
+def test_extreme_sampling_values_sample_finite_probabilities():
+    # The fuzzer found them: 5e-324 divides logits to inf, and the softmax made nan of them.
     model = tiny_model(97)
+    extremes = (
+        dict(repetition_penalty=5e-324),
+        dict(repetition_penalty=1e300),
+        dict(temperature=5e-324),
+        dict(temperature=5e-324, repetition_penalty=5e-324),
+        dict(temperature=1e-40, repetition_penalty=1e300, frequency_penalty=2.0, top_p=1e-30, top_k=5),
+    )
     with Engine(model, max_batch_size=2) as eng:
-        for penalty in (5e-324, 1e300):
-            (out,) = eng.generate(
-                [[3, 4, 5]], SamplingParams(max_tokens=4, seed=1, repetition_penalty=penalty)
-            )
-            assert out.error is None and out.finish_reason == "length" and len(out.token_ids) == 4
+        for extreme in extremes:
+            (out,) = eng.generate([[3, 4, 5, 3, 9]], SamplingParams(max_tokens=4, seed=1, **extreme))
+            assert out.error is None and out.finish_reason == "length" and len(out.token_ids) == 4, extreme
 
 
 def test_a_request_whose_sampling_fails_leaves_the_batch_running(monkeypatch):
@@ -271,6 +276,9 @@ def test_bad_requests_get_openai_errors(client, base_url):
         f"{base_url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and "error" in r.json()
+    for ids in ([5, -1], [10**30]):  # out of the vocabulary, echoed or not (the fuzzer found the echo)
+        r = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": ids, "echo": True})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
 def test_client_disconnect_frees_the_slot(engine, base_url):

@@ -424,6 +424,8 @@ def _completion_prompts(prompt: Any, engine: Engine) -> list[list[int]]:
             ids = engine.tokenizer.encode(item) or [engine.tokenizer.bos_id]
         else:
             ids = list(item)
+            if any(not 0 <= t < engine.vocab_size for t in ids):  # before echo decodes them
+                raise APIError(400, f"prompt token ids must lie in [0, {engine.vocab_size})", param="prompt")
         if len(ids) > engine.max_len:
             raise APIError(
                 400,

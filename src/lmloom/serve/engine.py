@@ -594,16 +594,18 @@ class Engine:
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
         p = seq.params
+        # Python floats become the logits' float32 in these ops: 5e-324 would be 0 there, 1e300 inf.
+        tiny, big = torch.finfo(logits.dtype).tiny, torch.finfo(logits.dtype).max
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
             logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
         if p.repetition_penalty != 1:
             seen = torch.tensor(seq.prompt + seq.tokens, dtype=torch.long, device=logits.device).unique()
             picked = logits[seen]
-            penalized = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-            # A valid but extreme penalty (5e-324) overflows to inf, and inf - inf is nan in the softmax.
-            big = torch.finfo(logits.dtype).max
-            logits[seen] = penalized.clamp(-big, big)
+            penalty = min(
+                max(p.repetition_penalty, tiny), big
+            )  # a float32 0 or inf would make 0 / 0, 0 * inf
+            logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
         if (p.presence_penalty or p.frequency_penalty) and seq.tokens:
             counts = torch.bincount(
                 torch.tensor(seq.tokens, device=logits.device), minlength=logits.shape[-1]
@@ -613,7 +615,9 @@ class Engine:
             return int(logits.argmax())
         # A top_p below float32's range would round to 0 in filter_logits' comparison and drop every token.
         top_p = None if p.top_p is None else max(p.top_p, _MIN_TOP_P)
-        filtered = filter_logits(logits / p.temperature, p.top_k, top_p)
+        # A valid but extreme temperature or repetition penalty (the fuzzer sent 5e-324) overflows logits to
+        # inf, and inf - inf is nan in the softmax: every logit is finite until filtering, so clamp here.
+        filtered = filter_logits((logits / max(p.temperature, tiny)).clamp(-big, big), p.top_k, top_p)
         if not torch.isfinite(filtered).any():  # nothing left (cannot happen with valid params): greedy
             return int(logits.argmax())
         return int(torch.multinomial(filtered.softmax(dim=-1), 1, generator=seq.generator))
