@@ -46,6 +46,12 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model):
     assert generate(model, PROMPT, max_new_tokens=10, top_p=1e-6, seed=4) == greedy
 
 
+def test_an_extreme_temperature_still_samples(model):
+    # 5e-324 is 0 in float32: dividing the logits by it made 0 / 0 = nan, and multinomial refused them.
+    greedy = generate(model, [1, 2, 3], max_new_tokens=6, temperature=0)
+    assert generate(model, [1, 2, 3], max_new_tokens=6, temperature=5e-324, seed=3) == greedy
+
+
 def test_filter_logits_keeps_top_k_and_the_nucleus():
     logits = torch.tensor([1.0, 3.0, 2.0, 0.0]).log()  # probabilities 1/6, 3/6, 2/6, 0
     kept = lambda out: torch.isfinite(out).nonzero().flatten().tolist()  # noqa: E731

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from lmloom.errors import LmloomError
-from lmloom.serve.generate import filter_logits
+from lmloom.serve.generate import filter_logits, scale_logits
 from lmloom.serve.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -615,9 +615,7 @@ class Engine:
             return int(logits.argmax())
         # A top_p below float32's range would round to 0 in filter_logits' comparison and drop every token.
         top_p = None if p.top_p is None else max(p.top_p, _MIN_TOP_P)
-        # A valid but extreme temperature or repetition penalty (the fuzzer sent 5e-324) overflows logits to
-        # inf, and inf - inf is nan in the softmax: every logit is finite until filtering, so clamp here.
-        filtered = filter_logits((logits / max(p.temperature, tiny)).clamp(-big, big), p.top_k, top_p)
+        filtered = filter_logits(scale_logits(logits, p.temperature), p.top_k, top_p)
         if not torch.isfinite(filtered).any():  # nothing left (cannot happen with valid params): greedy
             return int(logits.argmax())
         return int(torch.multinomial(filtered.softmax(dim=-1), 1, generator=seq.generator))

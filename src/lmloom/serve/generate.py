@@ -37,6 +37,17 @@ def _check_args(model, prompt_ids, max_new_tokens, temperature, top_k, top_p) ->
         )
 
 
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Finite logits / temperature for a softmax, shifted so that the largest is 0 (the same distribution).
+
+    Extreme but valid values must not turn into nan: 5e-324 is 0 once it meets float32 (0 / 0), a large
+    logit over a tiny temperature overflows (inf - inf). Clamped to float32's range, the top token stays
+    on top, so a temperature that small samples as greedy does."""
+    info = torch.finfo(logits.dtype)
+    finite = logits.clamp(-info.max, info.max)
+    return ((finite - finite.max()) / max(temperature, info.tiny)).clamp(-info.max, info.max)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the nucleus (smallest set with mass >= top_p)."""
     if top_k is not None and top_k < logits.shape[-1]:
@@ -61,7 +72,7 @@ def sample_next(
     """One token id from the logits of one position ([V])."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = filter_logits(scale_logits(logits.float(), temperature), top_k, top_p)
     return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
 
 
