@@ -14,7 +14,7 @@ from datetime import timedelta
 import httpx
 import openai
 import pytest
-from gateway_upstream import LoopbackServer, create_upstream
+from gateway_upstream import LoopbackServer, create_upstream, loopback_certificate
 from typer.testing import CliRunner
 
 from lmloom.artifacts.hashing import canonical_json
@@ -424,30 +424,7 @@ def test_serve_refuses_a_network_bind_without_tls(tmp_path):
 
 
 def test_tls_termination_with_the_openai_client(tmp_path):
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = tmp_path / "gw.crt", tmp_path / "gw.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    cert_path, key_path = loopback_certificate(tmp_path, "gw")
     store = tmp_path / "store"
     _, api_key = ApiKeyStore.for_store(store).create()
     config = GatewayConfig(tls={"cert": cert_path, "key": key_path})

@@ -9,7 +9,7 @@ import json
 
 import httpx
 import pytest
-from gateway_upstream import LoopbackServer
+from gateway_upstream import LoopbackServer, loopback_certificate
 
 from lmloom.serve.gateway import ApiKeyStore, GatewayConfig, create_gateway
 from lmloom.serve.gateway.transport import HttpUpstream, UpstreamError
@@ -263,32 +263,9 @@ def test_the_gateway_presents_its_own_upstream_key_never_the_clients(tmp_path, m
 
 
 def test_an_https_upstream_is_verified(tmp_path, monkeypatch):
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from gateway_upstream import create_upstream
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = tmp_path / "up.crt", tmp_path / "up.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    cert_path, key_path = loopback_certificate(tmp_path, "up")
     store = tmp_path / "store"
     _, api_key = ApiKeyStore.for_store(store).create()
     body = {"model": "echo-1", "messages": [{"role": "user", "content": "over tls upstream"}]}
