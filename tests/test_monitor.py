@@ -4,6 +4,7 @@ opened in a real headless browser that may not make a single request."""
 import json
 import re
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -169,7 +170,8 @@ def test_resources_jsonl_is_truncated_with_the_metrics(tmp_path):
         sinks = open_sinks(config, work / "metrics.jsonl", store_root=tmp_path)
         sampler = next(s for s in sinks.owned if isinstance(s, ResourceSampler))
         try:
-            sinks.truncate_after(resume_step)  # what train_loop does first
+            sampler.sample()  # while the checkpoint loads, before the run knows its step: held
+            sinks.truncate_after(resume_step)  # what train_loop does first; the held reading lands here
             sampler.sample()  # before the resumed run's first log: at the resume step
             sinks.log(resume_step + 1, loss=1.0)
             sampler.sample()
@@ -183,8 +185,37 @@ def test_resources_jsonl_is_truncated_with_the_metrics(tmp_path):
         dead.log(step, **{"resource/ram_percent": 50.0})
     dead.event("resource_alert", metric="resource/ram_percent", step=5)
 
-    assert rerun(3) == [1, 2, 3, 3, 4, 4]  # resumed at step 3: the dead run's 4, 5 and its alert gone
-    assert rerun(-1) == [0, 0, 0]  # a fresh start: nothing of the earlier runs
+    assert rerun(3) == [1, 2, 3, 3, 3, 4, 4]  # resumed at step 3: the dead run's 4, 5 and its alert gone
+    assert rerun(-1) == [0, 0, 0, 0]  # a fresh start: nothing of the earlier runs
+
+
+def test_a_sample_read_before_a_rollback_never_lands_after_it(tmp_path):
+    """The sampler's thread reads the run's step (10), then the run rolls back to 4 and truncates
+    before that sample is written: the truncation waits for it, so no step-10 line survives."""
+    record = JsonlSink(tmp_path / "resources.jsonl")
+    read, release = threading.Event(), threading.Event()
+    run = {"step": 10}
+
+    def step() -> int:
+        seen = run["step"]
+        read.set()
+        release.wait(10)  # the sample is between reading its step and writing its line
+        return seen
+
+    sampler = ResourceSampler(record, disk_path=tmp_path, step=step, record=record, gpu=False)
+    sampling = threading.Thread(target=sampler.sample)
+    sampling.start()
+    assert read.wait(10)
+    run["step"] = 4
+    rollback = threading.Thread(target=sampler.truncate_after, args=(4,))
+    rollback.start()
+    rollback.join(0.2)  # unguarded, the truncation would be done by now, before the line is written
+    release.set()
+    sampling.join(10)
+    rollback.join(10)
+    sampler.sample()
+    sampler.close()
+    assert [json.loads(line)["step"] for line in record.path.read_text().splitlines()] == [4]
 
 
 # -- resources ----------------------------------------------------------------------------------------

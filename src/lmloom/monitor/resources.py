@@ -181,7 +181,13 @@ class ResourceSampler:
     """Samples every `interval_s` seconds in a daemon thread and logs to `sink` (any MetricSink).
 
     `step`: a callable giving the step to log at (e.g. the training loop's last logged step); by
-    default the sample's own count. `sample()` takes one sample synchronously (tests, a final reading).
+    default the sample's own count. While it gives None (a run still loading its checkpoint, not yet
+    placed at a step), readings are held and logged at the step the run is placed at. `sample()` takes
+    one sample synchronously (tests, a final reading).
+
+    `record`: the JSONL sink among `sink`'s that must follow the run's metrics when a run is resumed or
+    rolled back (`truncate_after`). Its truncation and each sample's step-read-and-log hold one lock, so
+    a sample read before a rollback never lands after it. The sampler closes it after its last reading.
     """
 
     def __init__(
@@ -190,14 +196,18 @@ class ResourceSampler:
         interval_s: float = 10.0,
         disk_path: Path | str | None = None,
         thresholds: tuple[Threshold, ...] = DEFAULT_THRESHOLDS,
-        step: Callable[[], int] | None = None,
+        step: Callable[[], int | None] | None = None,
         gpu: bool = True,
+        record=None,
     ):
         self.sink = sink
         self.interval_s = interval_s
         self.disk_path = Path(disk_path) if disk_path is not None else Path.cwd()
         self.thresholds = tuple(thresholds)
         self._step = step
+        self._record = record
+        self._lock = threading.Lock()
+        self._held: list[dict[str, float]] = []  # readings taken before the run was placed at a step
         self._host = _host_reader()
         self._gpu = _gpu_reader() if gpu else None
         self._alerting: set[tuple[str, bool]] = set()
@@ -222,11 +232,32 @@ class ResourceSampler:
 
     def sample(self) -> dict[str, float]:
         values = self.read()
-        self.samples += 1
-        step = self._step() if self._step is not None else self.samples
+        with self._lock:
+            self.samples += 1
+            step = self._step() if self._step is not None else self.samples
+            if step is None:
+                self._held.append(values)
+            else:
+                self._log_held(step)
+                self._log(step, values)
+        return values
+
+    def truncate_after(self, step: int) -> None:
+        """The run is at `step` now (a resume or a rollback; -1, a fresh start, is step 0): `record`
+        drops its samples past `step`, and readings held until now are logged at the run's step."""
+        with self._lock:
+            if self._record is not None:
+                self._record.truncate_after(step)
+            self._log_held(max(0, step))
+
+    def _log(self, step: int, values: dict[str, float]) -> None:
         self.sink.log(step, **{PREFIX + name: value for name, value in values.items()})
         self._check(values, step)
-        return values
+
+    def _log_held(self, step: int) -> None:
+        held, self._held = self._held, []
+        for values in held:
+            self._log(step, values)
 
     def _check(self, values: dict[str, float], step: int) -> None:
         for threshold in self.thresholds:
@@ -271,6 +302,13 @@ class ResourceSampler:
                 self.sample()
             except Exception as exc:  # noqa: BLE001
                 self.errors.append(f"{type(exc).__name__}: {exc}")
+        try:
+            with self._lock:  # a run that ended before it was placed at a step: its readings at step 0
+                self._log_held(0)
+        except Exception as exc:  # noqa: BLE001
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        if self._record is not None:
+            self._record.close()
 
     def __enter__(self) -> ResourceSampler:
         return self.start()

@@ -310,7 +310,9 @@ class MultiSink(MetricSink):
         # Closed before the sinks (e.g. a resource sampler logging into us), truncated with them if they can be.
         self.owned = list(owned)
         self.errors: list[tuple[str, str]] = []
-        self.last_step = 0
+        # None until the run logs or says where it is (`truncate_after`): a resource sampler holds its
+        # readings until then, so one taken while a checkpoint loads is not logged at step 0.
+        self.last_step: int | None = None
 
     @property
     def jsonl(self) -> JsonlMetrics | None:
@@ -428,15 +430,14 @@ def open_sinks(
     if main and config.resources:
         from lmloom.monitor.resources import ResourceSampler
 
-        resource_sinks = MultiSink([JsonlSink(Path(jsonl_path).with_name("resources.jsonl")), *extra])
+        record = JsonlSink(Path(jsonl_path).with_name("resources.jsonl"))
         sampler = ResourceSampler(
-            resource_sinks,
+            MultiSink([record, *extra]),
             interval_s=config.resource_interval_s,
             disk_path=store_root or Path(jsonl_path).parent,
             step=lambda: multi.last_step,
+            record=record,  # truncated and closed by the sampler (the others are multi's sinks already)
         )
         sampler.start()
         multi.owned.append(sampler)
-        # Its own JSONL, closed and truncated with multi (the others are multi's sinks already).
-        multi.owned.append(resource_sinks.sinks[0])
     return multi
