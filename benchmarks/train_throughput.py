@@ -12,7 +12,11 @@ implementations are both timed and the faster one is used (under torch.compile, 
 eager attention and it beats SDPA's CPU kernel). Compilation and warmup are never timed; timed steps
 alternate between the models so that background load hits both alike; the median step is reported.
 
+Shape: the quickstart model by default; `--preset NAME` takes the layers, width, heads and MLP width of
+one of the decoder's named presets (tiny, small, 125m, ...); explicit shape flags override either.
+
 Usage:  python benchmarks/train_throughput.py [--modes eager-fp32,compile-bf16] [--steps 10] [--d-model ...]
+        python benchmarks/train_throughput.py --preset 125m --batch-size 4
         python benchmarks/train_throughput.py --threads 1 --clock cpu    # on a shared machine
         python benchmarks/train_throughput.py --device cuda --d-model 1024 --n-layers 8 --batch-size 32
 """
@@ -28,12 +32,13 @@ import time
 
 import torch
 
-from lmloom.models.decoder import Decoder, DecoderConfig
+from lmloom.models.decoder import PRESETS, Decoder, DecoderConfig
 from lmloom.models.hf_llama import to_hf_config, to_hf_state_dict
 from lmloom.train.heap import keep_freed_memory
 
 # The benchmark shape, in one place: the quickstart recipe's model and batch (src/lmloom/recipes/quickstart.yaml).
 DEFAULTS = dict(vocab_size=8192, seq_len=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, batch_size=16)
+SHAPE = (*DEFAULTS, "ffn_hidden")  # ffn_hidden: None is the decoder's own rule (SwiGLU ~8/3 d_model)
 MODES = ("eager-fp32", "compile-bf16")
 HF_ATTENTION = ("sdpa", "eager")
 # fused=True: torch's one-kernel CPU AdamW, on both sides (the for-loop default cost each side ~15 ms/step
@@ -49,6 +54,7 @@ def build_ours(args, device: str = "cpu") -> Decoder:
         n_layers=args.n_layers,
         n_heads=args.n_heads,
         n_kv_heads=args.n_kv_heads,
+        ffn_hidden=args.ffn_hidden,
     )
     torch.manual_seed(0)
     return Decoder(cfg).to(device).train()
@@ -175,10 +181,31 @@ def run_mode(mode: str, args) -> None:
     )
 
 
+def shape_of_preset(args) -> None:
+    """Fill in the shape flags not given: the layers, widths and heads from `--preset` (as
+    `DecoderConfig.preset` builds them), everything else from DEFAULTS."""
+    base = dict(DEFAULTS, ffn_hidden=None)
+    if args.preset:
+        preset = DecoderConfig.preset(args.preset)
+        base |= {
+            k: getattr(preset, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden")
+        }
+    for key in SHAPE:
+        if getattr(args, key) is None:
+            setattr(args, key, base[key])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in DEFAULTS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=int, default=value)
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named decoder size (its layers, d_model, heads, kv heads, MLP width) instead of the "
+        "quickstart's; vocab, seq_len and batch stay the defaults unless given",
+    )
+    for key, value in DEFAULTS.items():  # None: not given (the preset's, else the default)
+        p.add_argument("--" + key.replace("_", "-"), type=int, default=None, help=f"default {value}")
+    p.add_argument("--ffn-hidden", type=int, default=None, help="MLP width [default: the decoder's rule]")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model, alternating the models")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model (compilation included)")
     p.add_argument("--probe-steps", type=int, default=4, help="steps per HF attention candidate (auto)")
@@ -200,6 +227,7 @@ def main() -> None:
         "for a shared machine: with --threads 1 it does not count the time other processes hold the core",
     )
     args = p.parse_args()
+    shape_of_preset(args)
     global clock
     clock = CLOCKS[args.clock]
     if args.device.startswith("cuda"):
@@ -226,7 +254,8 @@ def main() -> None:
     )
     print(
         "shape: "
-        + ", ".join(f"{k}={getattr(args, k)}" for k in DEFAULTS)
+        + (f"preset {args.preset}: " if args.preset else "")
+        + ", ".join(f"{k}={getattr(args, k)}" for k in SHAPE)
         + f"; {args.batch_size * args.seq_len} tokens/step; AdamW {OPTIMIZER} on both"
     )
     ours = build_ours(args)
