@@ -256,6 +256,7 @@ def build_lineage(store: ArtifactStore, ref: str) -> Lineage:
     """The lineage graph of an artifact; raises IntegrityError for a tampered manifest or record."""
     root = store.resolve(ref)
     artifacts: dict[str, ArtifactNode] = {}
+    present = set(store.ids())
 
     def visit(artifact_id: str) -> None:
         if artifact_id in artifacts:
@@ -271,7 +272,12 @@ def build_lineage(store: ArtifactStore, ref: str) -> Lineage:
             inputs=dict(manifest.inputs),
             sources=sources,
         )
-        for _, child in sorted(manifest.inputs.items()):
+        for role, child in sorted(manifest.inputs.items()):
+            if child not in present:  # deleted (or never copied): the lineage would end here unseen
+                raise IntegrityError(
+                    f"artifact {artifact_id[:12]} ({manifest.kind}) was made from {role} {child[:12]}, "
+                    f"which is not in the store {store.root} (deleted?); its lineage cannot be traced"
+                )
             visit(child)
 
     visit(root)

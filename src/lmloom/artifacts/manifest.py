@@ -59,4 +59,5 @@ class Manifest(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(part) for part in first["loc"])
-            raise IntegrityError(f"{where}: malformed manifest ({loc}: {first['msg']})") from None
+            at = f"{loc}: " if loc else ""  # no location when the file is not JSON at all
+            raise IntegrityError(f"{where}: malformed manifest ({at}{first['msg']})") from None

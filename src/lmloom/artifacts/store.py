@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ SHORT_ID = 12
 # Reserved folder inside an artifact for signature sidecars (lmloom.security.signing): they are added
 # after publishing, so they are not in the manifest; the signature verifier checks what lies there.
 SIGNATURES_DIR = "signatures"
+_ID = re.compile(r"^[0-9a-f]{64}$")  # an artifact folder's name: the sha256 of its manifest
 
 
 def default_store_root() -> Path:
@@ -213,8 +215,14 @@ class ArtifactStore:
     def __init__(self, root: Path | str | None = None, security: StoreSecurity | None = None):
         self.root = Path(root).expanduser() if root else default_store_root()
         self.security = security or StoreSecurity()
-        for sub in ("artifacts", "staging", "index/stage-keys", "work"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("artifacts", "staging", "index/stage-keys", "work"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. the store path, or a folder in it, is a file
+            raise LmloomError(
+                f"cannot use {self.root} as an artifact store ({exc.strerror or exc}: {exc.filename}); "
+                "give a directory with --store or $LMLOOM_HOME"
+            ) from None
 
     # -- writing -----------------------------------------------------------------------------
     def create(
@@ -247,7 +255,8 @@ class ArtifactStore:
         return self.root / "artifacts" / artifact_id
 
     def ids(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "artifacts").iterdir() if p.is_dir())
+        # Only folders named by an id: anything else (a stray copy, a backup tool's folder) is no artifact.
+        return sorted(p.name for p in (self.root / "artifacts").iterdir() if p.is_dir() and _ID.match(p.name))
 
     def resolve(self, ref: str) -> str:
         """Full id from a full id or a unique prefix of at least 4 hex digits."""
@@ -269,7 +278,7 @@ class ArtifactStore:
         if not entry.exists():
             return None
         artifact_id = entry.read_text().strip()
-        return artifact_id if self.artifact_dir(artifact_id).is_dir() else None
+        return artifact_id if _ID.match(artifact_id) and self.artifact_dir(artifact_id).is_dir() else None
 
     def work_dir(self, stage_key: str) -> Path:
         path = self.root / "work" / stage_key

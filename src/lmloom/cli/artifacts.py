@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from lmloom.cli.common import err, human_size, open_store, out, requires
@@ -25,27 +26,35 @@ app = typer.Typer(help="List, inspect and verify artifacts in the store.", no_ar
 
 @app.command("ls")
 @requires("read-artifacts")
-def artifacts_ls(kind: Annotated[str | None, typer.Option(help="Only this kind.")] = None) -> None:
+def artifacts_ls(
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="Only artifacts of this kind, e.g. corpus, tokenizer, shards, checkpoint, hf-model."
+        ),
+    ] = None,
+) -> None:
     """List artifacts, newest first."""
-    store = open_store()
+    store = open_store(create=False)
     rows = []
     for artifact_id in store.ids():
         try:
             manifest = store.read_manifest(artifact_id)
         except IntegrityError as exc:
-            rows.append(("", artifact_id[:12], "?", "?", f"[red]{exc}[/red]", ""))
+            # in the last column, which wraps: the message must not squeeze the others
+            rows.append(("", artifact_id[:12], "?", "?", "", f"[red]{escape(str(exc))}[/red]"))
             continue
         if kind and manifest.kind != kind:
             continue
         size = sum(f.size for f in manifest.files.values())
         rows.append(
             (
-                manifest.created[:16].replace("T", " "),
+                escape(manifest.created[:16].replace("T", " ")),
                 artifact_id[:12],
-                manifest.kind,
-                manifest.stage,
+                escape(manifest.kind),
+                escape(manifest.stage),
                 human_size(size),
-                manifest.principal,
+                escape(manifest.principal),
             )
         )
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -60,7 +69,7 @@ def artifacts_ls(kind: Annotated[str | None, typer.Option(help="Only this kind."
 @requires("read-artifacts")
 def artifacts_show(artifact: Annotated[str, typer.Argument(help="Artifact id or unique prefix.")]) -> None:
     """Print an artifact's manifest: kind, files and hashes, config, inputs, metadata."""
-    manifest = open_store().read_manifest(artifact)
+    manifest = open_store(create=False).read_manifest(artifact)
     out.print_json(json.dumps({"id": manifest.id, **manifest.to_json_dict()}))
 
 
@@ -74,7 +83,7 @@ def artifacts_verify(
     Prints who signed each artifact (or unsigned / untrusted). Exit 3 on any hash mismatch, else 4 on
     a bad signature (or, when signatures are required, an unsigned or untrusted artifact).
     """
-    store = open_store()
+    store = open_store(create=False)
     ids = [store.resolve(artifact)] if artifact else store.ids()
     failures: list[LmloomError] = []
     for artifact_id in ids:
@@ -82,7 +91,9 @@ def artifacts_verify(
             verified = store.open(artifact_id)  # hashes, then the signature policy (refusals audited)
         except (IntegrityError, SecurityError) as exc:
             failures.append(exc)
-            out.print(f"[red]FAIL[/red] {exc}", highlight=False)
+            # a key error (e.g. no KEK) does not name the artifact: every FAIL line must
+            named = str(exc) if artifact_id[:12] in str(exc) else f"artifact {artifact_id[:12]}: {exc}"
+            out.print(f"[red]FAIL[/red] {escape(named)}", highlight=False)
             continue
         signatures = store.security.signing.report(verified).describe()
         out.print(
@@ -128,7 +139,7 @@ def artifacts_lineage(
 
     from lmloom.artifacts.lineage import build_lineage
 
-    lineage = build_lineage(open_store(), artifact)
+    lineage = build_lineage(open_store(create=False), artifact)
     if format_ is LineageFormat.json:
         sys.stdout.write(json.dumps(lineage.to_json(files=files is not False), indent=2) + "\n")
     elif format_ is LineageFormat.dot:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from lmloom.cli.common import err, open_store, out, requires
@@ -20,7 +21,7 @@ app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_
 def _audit():
     from lmloom.security.context import store_audit_log
 
-    return store_audit_log(open_store().root)
+    return store_audit_log(open_store(create=False).root)
 
 
 @app.command("verify")
@@ -46,7 +47,9 @@ def audit_verify() -> None:
 def audit_show(
     last: Annotated[
         int | None,
-        typer.Option(help="Show only the last N matching entries (0 = all) [default: 50, all with --json]"),
+        typer.Option(
+            min=0, help="Show only the last N matching entries (0 = all) [default: 50, all with --json]"
+        ),
     ] = None,
     principal: Annotated[
         str | None, typer.Option(help="Only this principal (`alice` also matches alice@any-host).")
@@ -88,14 +91,15 @@ def audit_show(
     for column in ("seq", "time (UTC)", "principal", "event", "step", "details"):
         table.add_column(column, no_wrap=column != "details", overflow="fold")
     for e in shown:
-        table.add_row(
-            str(e.get("seq")),
+        cells = (
+            "?" if e.get("seq") is None else str(e["seq"]),
             str(e.get("time", ""))[:19].replace("T", " "),
             str(e.get("principal", "")),
             str(e.get("event", "")),
             str(e.get("step", "")),
             _audit_details(e),
         )
+        table.add_row(*(escape(cell) for cell in cells))  # entries hold names users chose: never markup
     out.print(table)
     if len(shown) < len(entries):
         out.print(f"[dim]{len(entries) - len(shown)} earlier entries not shown (--last 0 shows all)[/dim]")
@@ -124,15 +128,18 @@ def _until(value: str | None) -> datetime | None:
 
 
 def _audit_details(e: dict) -> str:
+    # str() throughout: an entry edited by hand may hold any JSON type, and must still be shown
     details = []
     if "outcome" in e:
-        details.append(e["outcome"] + (f" ({e['error']})" if e.get("error") else ""))
-    if e.get("inputs"):
-        details.append("in " + ",".join(i[:8] for i in e["inputs"]))
-    if e.get("outputs"):
-        details.append("out " + ",".join(i[:8] for i in e["outputs"]))
+        details.append(str(e["outcome"]) + (f" ({e['error']})" if e.get("error") else ""))
+    for key, label in (("inputs", "in "), ("outputs", "out ")):
+        refs = e.get(key)
+        if refs:
+            refs = refs.values() if isinstance(refs, dict) else refs if isinstance(refs, list) else [refs]
+            details.append(label + ",".join(str(i)[:8] for i in refs))
     if "seconds" in e:
-        details.append(f"{e['seconds']:.1f}s")
+        seconds = e["seconds"]
+        details.append(f"{seconds:.1f}s" if isinstance(seconds, int | float) else f"{seconds}s")
     for key in ("action", "permission", "artifact", "reason", "detail"):  # security events
         if e.get(key):
             details.append(f"{key} {e[key]}")

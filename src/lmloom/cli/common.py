@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 
 out = Console()
 err = Console(stderr=True)
@@ -26,11 +27,19 @@ def store_root() -> Path:
     return State.store_path or default_store_root()
 
 
-def open_store():
+def open_store(create: bool = True):
+    """The store at --store / $LMLOOM_HOME. `create=False` (commands that only read): a missing store
+    is an error rather than a new empty one, so a mistyped path is reported, not silently made."""
     from lmloom.artifacts.store import ArtifactStore
+    from lmloom.errors import LmloomError
     from lmloom.security.context import store_security
 
     root = store_root()
+    if not create and not root.expanduser().exists():
+        raise LmloomError(
+            f"no artifact store at {root} (from --store or $LMLOOM_HOME); check the path, "
+            "or run `lmloom run` to create one"
+        )
     return ArtifactStore(root, security=store_security(root, current_access().principal))
 
 
@@ -42,7 +51,7 @@ def current_access():
 
         def notice(message: str) -> None:
             if world().is_main:  # under torchrun, once rather than once per rank
-                err.print(f"[dim]{message}[/dim]", highlight=False)
+                err.print(f"[dim]{escape(message)}[/dim]", highlight=False)  # it names the principal
 
         State.access = resolve_access(store_root(), notice=notice)
     return State.access

@@ -67,7 +67,10 @@ def export(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        config[key.strip()] = yaml.safe_load(value)
+        try:
+            config[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:  # as `lmloom run --set`: not YAML, so the text itself (the config checks it)
+            config[key.strip()] = value
     if quantize is not None:
         if fmt is not Format.onnx:
             raise ConfigError("--quantize applies to onnx exports only")

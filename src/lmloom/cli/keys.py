@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from lmloom.cli.common import current_access, err, out, requires, store_root
@@ -33,7 +34,9 @@ def _audit(event: str, **fields) -> None:
 def _outside_store(path: Path) -> Path:
     path = path.expanduser().absolute()
     root = store_root().expanduser().absolute()
-    if path == root or root in path.parents:
+    # resolved as well: `..` and symlinks must not carry the KEK into the store unnoticed
+    real, real_root = path.resolve(), root.resolve()
+    if path == root or root in path.parents or real == real_root or real_root in real.parents:
         raise SecurityError(
             f"{path} is inside the store {root}: keep the KEK apart from the data it protects "
             "(e.g. ~/.config/lmloom/kek)"
@@ -262,8 +265,9 @@ def api_list() -> None:
         table.add_column(column, no_wrap=True)
     for r in records.values():
         limit = lambda v: "default" if v is None else str(v)  # noqa: E731
-        table.add_row(
+        cells = (
             r.id, r.name, r.status(), ",".join(r.models), ",".join(r.endpoints), limit(r.rpm), limit(r.tpm),
             r.created[:16].replace("T", " "), (r.expires or "never")[:16].replace("T", " "),
         )  # fmt: skip
+        table.add_row(*(escape(cell) for cell in cells))  # names and models are the user's: never markup
     out.print(table if records else "no gateway API keys (create one with `lmloom keys api create`)")

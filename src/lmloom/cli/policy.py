@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from lmloom.cli.common import current_access, err, out, requires, store_root
@@ -23,12 +25,11 @@ app = typer.Typer(
 def policy_whoami() -> None:
     """Print the acting principal, how it was identified, its roles and permissions."""
     access = current_access()
+    principal = escape(access.principal)  # a name, never markup
     if access.single_user:
-        out.print(
-            f"{access.principal}  [dim](single-user mode: no access policy, every action allowed)[/dim]"
-        )
+        out.print(f"{principal}  [dim](single-user mode: no access policy, every action allowed)[/dim]")
         return
-    out.print(f"{access.principal}  [dim](identified by {access.via}; policy {access.policy.path})[/dim]")
+    out.print(f"{principal}  [dim](identified by {access.via}; policy {access.policy.path})[/dim]")
     out.print(f"roles: {', '.join(access.roles) or 'none'}")
     out.print(f"permissions: {', '.join(sorted(access.permissions)) or 'none'}")
 
@@ -55,7 +56,7 @@ def policy_show() -> None:
         table.add_column(column, overflow="fold")
     for role, permissions in roles.items():
         granted = "all" if "*" in permissions else ", ".join(p for p in PERMISSIONS if p in permissions)
-        table.add_row(role, granted, ", ".join(holders.get(role, [])))
+        table.add_row(escape(role), granted, escape(", ".join(holders.get(role, []))))
     out.print(table)
     if policy and policy.principals:
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -64,7 +65,7 @@ def policy_show() -> None:
         for name, spec in policy.principals.items():
             tokens = ", ".join(t[7:19] for t in spec.tokens)
             how = f"token ({tokens})" if spec.tokens else "OS user" + ("" if "@" in name else " (any host)")
-            table.add_row(name, how, ", ".join(spec.roles))
+            table.add_row(escape(name), how, escape(", ".join(spec.roles)))
         out.print(table)
 
 
@@ -87,7 +88,12 @@ def policy_init(
     if path.exists():
         raise ConfigError(f"{path} already exists; edit it (or `lmloom policy token` to add a token)")
     admin = admin or os_user()
-    write_starter_policy(path, admin)
+    try:
+        write_starter_policy(path, admin)
+    except OSError as exc:  # e.g. --file under a regular file, or in a folder not ours
+        raise ConfigError(
+            f"cannot write the policy to {path} ({exc.strerror or exc}: {exc.filename})"
+        ) from None
     if access.audit:
         access.audit.append("security.policy_created", access.principal, path=str(path), admin=admin)
     out.print(f"wrote {path}: {admin} is admin; every other principal holds nothing until you add it")
@@ -111,14 +117,21 @@ def policy_token(
     The policy file is rewritten with the hash added (YAML comments in it are not kept; use
     --print-only and edit it by hand to keep them). Use it as LMLOOM_TOKEN=<secret>.
     """
-    from lmloom.security.policy import add_token, hash_token, mint_token, token_id
+    from lmloom.security.policy import BUILTIN_ROLES, add_token, hash_token, mint_token, token_id
 
     access = current_access()
+    if print_only and role:  # the line printed must load once pasted: its roles must exist
+        known = access.policy.roles if access.policy else BUILTIN_ROLES
+        unknown = [r for r in role if r not in known]
+        if unknown:
+            raise ConfigError(f"--role {', '.join(unknown)}: unknown role; roles: {', '.join(known)}")
     token = mint_token()
     if print_only:
         roles = ", ".join(role or ["ROLE"])
         err.print("add to the policy's principals (the secret below is shown only once):", highlight=False)
-        err.print(f"  {principal}: {{roles: [{roles}], tokens: ['{hash_token(token)}']}}", highlight=False)
+        # markup=False: rich would take `[trainer]` for a style tag and drop it from the line
+        line = f"  {json.dumps(principal)}: {{roles: [{roles}], tokens: ['{hash_token(token)}']}}"
+        err.print(line, highlight=False, markup=False)
     else:
         if access.policy is None:
             raise ConfigError("no access policy to add the token to: run `lmloom policy init` first")

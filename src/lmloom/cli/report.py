@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,12 @@ def report(
     ] = None,
     out_file: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Where to write [default: STORE/reports/report-TIME-ID.html]"),
+        typer.Option(
+            "--out",
+            "-o",
+            help="The HTML file to write (missing folders are created), e.g. `-o run.html` "
+            "[default: STORE/reports/report-TIME-ID.html]",
+        ),
     ] = None,
 ) -> None:
     """Write an HTML report: lineage graph, data and tokenizer statistics, training curves, resources,
@@ -32,9 +38,20 @@ def report(
     Every artifact is verified as it is read; one that fails is reported, not read. The security
     section needs the read-audit permission as well (without it, the report says it is left out).
     """
+    from lmloom.errors import ConfigError
     from lmloom.monitor.report import write_report
 
-    store = open_store()
+    if out_file is not None:  # checked before the report is built, so a bad path costs nothing
+        if out_file.is_dir():
+            raise ConfigError(
+                f"--out {out_file} is a directory; give a file name, e.g. {out_file / 'report.html'}"
+            )
+        blocking = next((p for p in out_file.parents if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            raise ConfigError(f"--out {out_file}: {blocking} is a file, not a directory")
+        if blocking is not None and not os.access(blocking, os.W_OK):
+            raise ConfigError(f"--out {out_file}: you may not write in {blocking}")
+    store = open_store(create=False)
     may_read_audit = current_access().allows(Permission.READ_AUDIT)
     path = write_report(store, run_or_artifact, out_file, include_audit=may_read_audit)
     out.print(f"report written to [bold]{path}[/bold]", highlight=False)

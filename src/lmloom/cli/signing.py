@@ -57,7 +57,10 @@ def signing_init(
 ) -> None:
     """Create the store's signing key (owner-only file) and print its public key."""
     from lmloom.security.signing import SigningKey
+    from lmloom.security.trust import check_signer_name
 
+    if not no_trust:
+        check_signer_name(trust_as)  # before the key exists: a refused init creates nothing
     store, security = _security()
     signing = security.signing
     if signing.key_path.exists() and not force:

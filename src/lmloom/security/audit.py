@@ -93,6 +93,22 @@ class AuditLog:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _read_locked(self) -> Iterator[None]:
+        # Shared with other readers, exclusive of `append`, which writes the entry and then the head:
+        # a reader between the two would see a head ahead of the log and report it truncated.
+        try:
+            lock = open(self.lock_path, "rb")
+        except OSError:  # no lock file yet (nothing was ever appended), or not ours to open
+            yield
+            return
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def append(self, event: str, principal: str, **fields: Any) -> dict[str, Any]:
         """Append one entry chained to the current last entry; refuses to extend a broken tail."""
         with self._locked():
@@ -140,19 +156,50 @@ class AuditLog:
             ) from None
 
     def entries(self) -> Iterator[dict[str, Any]]:
-        """Parsed entries in file order (unverified: use `verify` to check them)."""
+        """Parsed entries in file order (unverified: use `verify` to check them).
+
+        A line that is not a JSON object (edited or corrupted) comes as a placeholder entry, event
+        `audit.damaged` with its line number, so that readers still see every other entry.
+        """
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+        try:
+            handle = open(self.path, encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise IntegrityError(f"audit log {self.path} cannot be read ({exc.strerror or exc})") from None
+        with handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    entry = None
+                if not isinstance(entry, dict):
+                    entry = {
+                        "seq": None,
+                        "event": "audit.damaged",
+                        "line": line_no,
+                        "detail": f"line {line_no} is not a valid entry (edited or corrupted); "
+                        "run `lmloom audit verify`",
+                    }
+                yield entry
 
     def verify(self) -> AuditReport:
+        with self._read_locked():  # never between an append's entry and its head
+            return self._verify()
+
+    def _verify(self) -> AuditReport:
         hashes: list[str] = []  # of every entry, to check the signed checkpoint against
         expected_prev = GENESIS
         if self.path.exists():
-            with open(self.path, "rb") as handle:
+            try:
+                handle = open(self.path, "rb")
+            except OSError as exc:
+                return AuditReport(
+                    0, AuditProblem(0, None, f"the log cannot be read ({exc.strerror or exc})")
+                )
+            with handle:
                 for line_no, raw in enumerate(handle, start=1):
                     problem = _check_line(raw, line_no, len(hashes), expected_prev)
                     if problem:
@@ -202,7 +249,7 @@ class AuditLog:
         try:
             head = json.loads(self.head_path.read_text())
             head_seq, head_hash = int(head["seq"]), str(head["hash"])
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return AuditProblem(0, None, f"head file {self.head_path.name} is damaged")
         if head_seq >= count:
             return AuditProblem(

@@ -167,13 +167,17 @@ def write_kek_file(path: Path | str, key: bytes | None = None) -> LocalKek:
     """Create a new key file (base64 text, mode 0600) that does not exist yet; return its KEK."""
     path = Path(path).expanduser()
     key = key if key is not None else generate_kek()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    except FileExistsError as exc:
+        if exc.filename is not None and Path(exc.filename) != path:  # a file where a folder must be
+            raise SecurityError(f"key file {path}: {exc.filename} is a file, not a folder") from None
         raise SecurityError(
             f"key file {path} already exists; choose a new path (keys are never overwritten)"
         ) from None
+    except OSError as exc:
+        raise SecurityError(f"key file {path} cannot be created ({exc.strerror or exc})") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(base64.b64encode(key) + b"\n")
         handle.flush()

@@ -23,6 +23,7 @@ unsalted hash lets a token be found without trying every entry's salt.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -224,9 +225,35 @@ def parse_policy(raw: Any, path: Path) -> Policy:
     return Policy(path, roles, dict(spec.principals))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word; in a policy that hides who holds what
+    (`alice: {roles: [auditor]}` above, `alice: {roles: [admin]}` further down), so it is refused."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable: construct_mapping reports it
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (each may appear once)", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -425,7 +452,21 @@ def write_starter_policy(path: Path, admin: str) -> None:
 
 
 def add_token(path: Path, principal: str, roles: list[str], token: str) -> None:
-    """Add `token`'s hash to `principal` (created with `roles` when new); rewrites the YAML file."""
+    """Add `token`'s hash to `principal` (created with `roles` when new); rewrites the YAML file.
+
+    Under a lock beside the file: two `policy token` at once would otherwise both read the old file
+    and the second rename would drop the first token, though it was printed as added.
+    """
+    lock_path = path.with_name(f".{path.name}.lock")
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            _add_token(path, principal, roles, token)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _add_token(path: Path, principal: str, roles: list[str], token: str) -> None:
     from lmloom.artifacts.atomic import write_text_atomic
 
     raw = _read_yaml(path)

@@ -159,6 +159,8 @@ class SigningKey:
     @classmethod
     def load(cls, path: Path) -> SigningKey:
         path = Path(path)
+        if not path.is_file():  # e.g. LMLOOM_SIGNING_KEY names a folder: say so, not its mode
+            raise SecurityError(f"signing key {path} is not a file; give the private key file (PEM)")
         mode = path.stat().st_mode
         if mode & 0o077:
             raise SecurityError(

@@ -36,6 +36,14 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def check_signer_name(name: str) -> None:
+    """Refuse a name that cannot be a trust store file name (checked before anything is created)."""
+    if not _NAME.match(name):
+        raise SecurityError(
+            f"invalid signer name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)"
+        )
+
+
 def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
     """(label, block) for each PEM block in `data`, in order."""
     return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
@@ -165,10 +173,7 @@ class TrustStore:
         return next((s for s in self.signers() if s.name == name), None)
 
     def add(self, name: str, keys: SignerKeys) -> Path:
-        if not _NAME.match(name):
-            raise SecurityError(
-                f"invalid signer name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)"
-            )
+        check_signer_name(name)
         if self.get(name) is not None:
             raise SecurityError(f"a trusted signer named {name!r} exists; remove it first")
         same = self.by_hint(keys.hint)

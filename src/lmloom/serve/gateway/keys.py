@@ -132,6 +132,8 @@ def parse_duration(text: str) -> timedelta | None:
     match = re.fullmatch(r"(\d+)\s*([smhdw])", text)
     if not match:
         raise ConfigError(f"--expires {text!r}: expected e.g. 30d, 12h, 90m, 2w or never")
+    if int(match.group(1)) == 0:
+        raise ConfigError(f"--expires {text!r}: a key must live longer than that; for no expiry say never")
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match.group(2)]
     return timedelta(**{unit: int(match.group(1))})
 
@@ -234,6 +236,8 @@ class ApiKeyStore:
         models = list(models or [ALL])
         endpoints = list(endpoints or DEFAULT_ENDPOINTS)
         check_scopes(models, endpoints)
+        if expires_in is not None and expires_in <= timedelta(0):  # None is "never"; zero is not
+            raise ConfigError(f"a key must live longer than {expires_in}; for no expiry say never")
         with self._editing() as records:
             return self._add(records, name, models, endpoints, expires_in, rpm, tpm, burst)
 
@@ -255,7 +259,7 @@ class ApiKeyStore:
             tpm=tpm,
             burst=burst,
             created=_iso(now) or "",
-            expires=_iso(now + expires_in) if expires_in else None,
+            expires=_iso(now + expires_in) if expires_in is not None else None,
         )
         records[key_id] = record
         return record, f"{PREFIX}-{key_id}-{secret}"
