@@ -44,6 +44,8 @@ def test_help_teaches(tmp_path):
     for command in ("run", "generate", "artifacts", "audit", "recipes", "stages"):
         assert command in out
     assert "--set" in lmloom(tmp_path, "run", "--help", check=0).stdout
+    # Arguments' own help is shown too (typer < 0.26 with click >= 8.5 silently dropped it).
+    assert "Artifact id or unique prefix" in lmloom(tmp_path, "artifacts", "show", "--help", check=0).stdout
 
 
 def test_malformed_jsonl_is_quarantined_and_counted(tmp_path, jsonl):
@@ -112,3 +114,11 @@ def test_audit_verify_and_show(tmp_path, jsonl):
     log.write_bytes(lines[1] + lines[0])
     proc = lmloom(store, "audit", "verify", check=3)
     assert "entry 1 (line 1)" in proc.stderr
+
+
+@pytest.mark.parametrize("ref", ["[/x]abcd", "[bold]abcd"])
+def test_error_lines_print_what_the_user_typed_literally(tmp_path, ref):
+    """An error quoting a bracketed argument: no markup error, nothing of it swallowed as a style tag."""
+    (tmp_path / "store").mkdir()
+    proc = lmloom(tmp_path / "store", "artifacts", "show", ref, check=1)
+    assert f"no artifact with id '{ref}'" in proc.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from lmloom import __version__
 from lmloom.cli import artifacts, audit, data, generate, keys, policy, run, signing
@@ -81,5 +82,6 @@ def main() -> None:
     try:
         app()  # typer reports usage errors itself
     except LmloomError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # escaped: messages quote what the user typed (ids, names, paths), which is never markup
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
