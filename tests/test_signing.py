@@ -446,3 +446,23 @@ def test_a_pipeline_run_signs_every_artifact_it_makes(tmp_path):
     assert "corpus" in proc.stdout and "signed by local (ecdsa-p256" in proc.stdout
     signed = [json.loads(line) for line in (store / "audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in signed].count("artifact.signed") == 1
+
+
+def test_a_broken_signing_key_stops_a_run_before_any_stage(tmp_path):
+    """A key others may read is refused when the run starts, not after a stage has done its work."""
+    store = tmp_path / "store"
+    source = tmp_path / "data.jsonl"
+    source.write_text(
+        "".join(json.dumps({"text": f"document {i} has enough words to be kept"}) + "\n" for i in range(8))
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "name: data-only\nstages:\n  corpus:\n    stage: data.prepare\n    config:\n"
+        f"      sources: [{{type: jsonl, path: {source}}}]\n      min_chars: 20\n"
+    )
+    lmloom(store, "signing", "init", check=0)
+    default_key_path(store).chmod(0o644)
+    proc = lmloom(store, "run", str(recipe), check=4)
+    assert "readable by others" in proc.stderr
+    assert not list((store / "artifacts").iterdir())  # nothing was made
+    assert "documents kept" not in proc.stdout  # the stage never ran

@@ -112,6 +112,9 @@ def run_plan(steps: list[PlannedStep], ctx: RunContext) -> list[StepResult]:
         authorize(step, ctx)
     if any(step.encrypt for step in steps):
         ctx.store.security.write_codec(True)  # no key configured: fail before any stage starts
+    signing = getattr(ctx.store.security, "signing", None)
+    if signing is not None:  # a broken signing key (open to others, a folder, missing) fails now, not
+        signing.key()  # at the first publish, after a stage has run for nothing
     produced: dict[str, Artifact] = {}
     results: list[StepResult] = []
     w = world()
