@@ -155,7 +155,11 @@ def data_export(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+            raise ConfigError(f"--option {item!r}: the value is not valid YAML ({problem})") from None
     store = open_store()
     corpus = store.open(artifact)
     if corpus.kind != "corpus":

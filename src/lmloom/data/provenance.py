@@ -209,8 +209,14 @@ def is_url(location: Path | str) -> bool:
 
 
 def absolute_location(location: Path | str) -> str:
-    """A local path made absolute; a URL as it is."""
-    return str(location) if is_url(location) else str(Path(location).absolute())
+    """A local path made absolute (see `printable`); a URL as it is."""
+    return str(location) if is_url(location) else printable(str(Path(location).absolute()))
+
+
+def printable(path: str) -> str:
+    """A local path as text that can be written: a file name that is not UTF-8 (Python holds its bytes
+    as lone surrogates, which no JSON writer can encode) shows those bytes as \\xNN escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def join_location(root: Path | str, relpath: str) -> str:

@@ -17,6 +17,7 @@ encoder appends EOS after every document). The saved `tokenizer_config.json` set
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -98,6 +99,31 @@ def capped_texts(texts: Iterable[str], max_bytes: int, stats: dict[str, int] | N
             return
 
 
+# The Hugging Face BPE (and WordPiece) trainers take time quadratic in the length of a word made of
+# one repeated pair ("=====...", a run of spaces, "0000..."): one 5 MB line of them stalls training
+# for hours. No real word is this long, so for training only such runs are cut into pieces of at
+# most this many characters; encoding is unchanged, and so is training on text without such runs.
+MAX_TRAIN_RUN = 1024
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAIN_RUN + 1},}}|\s{{{MAX_TRAIN_RUN + 1},}}")
+
+
+def bounded_runs(texts: Iterable[str]) -> Iterator[str]:
+    """The texts, each run of over MAX_TRAIN_RUN non-space (or space) characters split off into
+    separate texts of at most MAX_TRAIN_RUN characters, so no word a trainer sees is longer."""
+    for text in texts:
+        start = 0
+        for match in _LONG_RUN.finditer(text):
+            if match.start() > start:
+                yield text[start : match.start()]
+            for cut in range(match.start(), match.end(), MAX_TRAIN_RUN):
+                yield text[cut : min(cut + MAX_TRAIN_RUN, match.end())]
+            start = match.end()
+        if start == 0:
+            yield text
+        elif start < len(text):
+            yield text[start:]
+
+
 def train_bpe(
     texts: Iterable[str],
     *,
@@ -128,7 +154,7 @@ def train_bpe(
         show_progress=False,
     )
     stream = capped_texts(texts, max_train_bytes, stats) if max_train_bytes is not None else texts
-    tokenizer.train_from_iterator(stream, trainer)
+    tokenizer.train_from_iterator(bounded_runs(stream), trainer)
     _check_special_ids(tokenizer, "the trained tokenizer")
     return BPETokenizer(tokenizer)
 

@@ -135,11 +135,18 @@ def transformers_config() -> dict:
     }
 
 
+# The trainer's default max_sentence_length: longer lines are skipped (they are counted here, so a
+# text made only of such lines is a clear error, not the trainer's "!sentences_.empty()").
+MAX_SENTENCE_BYTES = 4192
+
+
 def _sentences(texts: Iterable[str], counter: dict[str, int]) -> Iterator[str]:
     for text in texts:
         for line in text.splitlines():
             if line:
                 counter["sentences"] += 1
+                if len(line) * 4 > MAX_SENTENCE_BYTES and len(line.encode("utf-8")) > MAX_SENTENCE_BYTES:
+                    counter["too_long"] += 1
                 yield line
 
 
@@ -155,7 +162,7 @@ def train_sentencepiece(
         raise ConfigError(f"model_type = {model_type!r}: expected one of {', '.join(MODEL_TYPES)}")
     spm = _sentencepiece()
     model = io.BytesIO()
-    counter = {"sentences": 0}
+    counter = {"sentences": 0, "too_long": 0}
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=_sentences(texts, counter),
@@ -184,6 +191,12 @@ def train_sentencepiece(
     except RuntimeError as exc:
         if counter["sentences"] == 0:
             raise DataError("no text to train a SentencePiece model on") from None
+        if counter["too_long"] == counter["sentences"]:
+            raise DataError(
+                f"no line of the training text is short enough for SentencePiece: all "
+                f"{counter['sentences']:,} lines are longer than {MAX_SENTENCE_BYTES:,} bytes, and the "
+                "trainer skips such lines; break the text into lines, or use algorithm bpe or unigram"
+            ) from None
         raise ConfigError(f"SentencePiece training failed: {exc}") from None
     return SentencePieceTokenizer(model.getvalue(), "the trained SentencePiece model")
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.artifacts.store import Artifact
@@ -54,6 +54,18 @@ class TrainTokenizerConfig(StrictConfig):
     max_eval_bytes: int = Field(
         4_000_000, ge=0, description="val.jsonl bytes (train.jsonl if val is empty) for the report"
     )
+
+    @model_validator(mode="after")
+    def _vocab_fits_algorithm(self) -> TrainTokenizerConfig:
+        # Unigram needs two pieces more than the field's floor (<unk> and one learned piece): say so
+        # before the run starts, not after the corpus is made
+        from lmloom.tokenizers.unigram import MIN_VOCAB_SIZE as UNIGRAM_MIN
+
+        if self.algorithm == "unigram" and self.vocab_size < UNIGRAM_MIN:
+            raise ValueError(
+                f"vocab_size = {self.vocab_size}: algorithm unigram needs at least {UNIGRAM_MIN}"
+            )
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_default_algorithm(self, handler: SerializerFunctionWrapHandler) -> dict:

@@ -13,11 +13,11 @@ learned pieces: the same layout as the SentencePiece models.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmloom.errors import ConfigError
+from lmloom.errors import ConfigError, DataError, LmloomError
 from lmloom.tokenizers.base import SPECIAL_TOKENS
 from lmloom.tokenizers.hf import UNIGRAM_UNK, HFTokenizer, check_special_ids
 
@@ -47,6 +47,12 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
+def _counted(texts: Iterable[str], counter: dict[str, int]) -> Iterator[str]:
+    for text in texts:
+        counter["chars"] += len(text)
+        yield text
+
+
 def train_unigram(texts: Iterable[str], *, vocab_size: int) -> HFTokenizer:
     """Train a Unigram model of `vocab_size - 256` pieces, then add the 256 byte pieces for fallback."""
     if vocab_size < MIN_VOCAB_SIZE:
@@ -62,7 +68,19 @@ def train_unigram(texts: Iterable[str], *, vocab_size: int) -> HFTokenizer:
         initial_alphabet=FIXED_ALPHABET,
         show_progress=False,
     )
-    learner.train_from_iterator(texts, trainer)
+    counter = {"chars": 0}
+    try:
+        learner.train_from_iterator(_counted(texts, counter), trainer)
+    except Exception as exc:  # noqa: BLE001  (the trainer raises a bare "... not large enough to contain all chars")
+        if isinstance(exc, LmloomError) or "not large enough" not in str(exc):
+            raise
+        raise ConfigError(
+            f"vocab_size = {vocab_size}: too small for this text: Unigram needs a piece for every "
+            f"distinct character of it on top of the {len(FIXED_PIECES)} fixed and {len(BYTE_PIECES)} "
+            "byte pieces; raise vocab_size"
+        ) from None
+    if counter["chars"] == 0:  # the trainer then returns pieces without scores
+        raise DataError("no text to train a Unigram model on")
     # The trainer cannot add byte pieces itself: rebuild the model with them after the fixed pieces.
     learned = [(piece, score) for piece, score in json.loads(learner.to_str())["model"]["vocab"]]
     learned = [(p, s) for p, s in learned if p not in FIXED_PIECES and p not in BYTE_PIECES]

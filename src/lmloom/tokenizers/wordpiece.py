@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from lmloom.errors import ConfigError
 from lmloom.tokenizers.base import SPECIAL_TOKENS
+from lmloom.tokenizers.bpe import bounded_runs
 from lmloom.tokenizers.hf import WORDPIECE_SPECIALS, WORDPIECE_TOKENS, HFTokenizer, check_special_ids
 
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(WORDPIECE_TOKENS) + 1  # at least one ordinary token
@@ -42,6 +43,7 @@ def train_wordpiece(texts: Iterable[str], *, vocab_size: int, min_frequency: int
         special_tokens=[*SPECIAL_TOKENS, *WORDPIECE_TOKENS],
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer)
+    # the WordPiece trainer is BPE's underneath, just as slow on one enormous word
+    tokenizer.train_from_iterator(bounded_runs(texts), trainer)
     check_special_ids(tokenizer, "the trained WordPiece tokenizer")
     return HFTokenizer(tokenizer)

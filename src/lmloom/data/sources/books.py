@@ -18,13 +18,13 @@ import zipfile
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmloom.data.documents import FILE_TOO_LARGE, Document, Reject
 from lmloom.data.html import extract_main_text
 from lmloom.data.provenance import SourceLedger
 from lmloom.data.sources.reading import FileSource, list_files, read_seekable, read_whole, reject_unreadable
-from lmloom.data.sources.storage import SourceFile, Store
+from lmloom.data.sources.storage import GlobPatterns, SourceFile, Store
 from lmloom.data.sources.text import decode_text
 
 _HEADER_LINES = 60
@@ -36,13 +36,24 @@ class BooksSource(FileSource):
     """Books as plain text or EPUB, one document per book, chapter, or max_chars part."""
 
     type: Literal["books"] = "books"
-    patterns: list[str] = Field(default_factory=lambda: ["*.txt", "*.epub"], min_length=1)
+    patterns: GlobPatterns = Field(default_factory=lambda: ["*.txt", "*.epub"], min_length=1)
     chapter_pattern: str | None = Field(None, description="regex of a chapter heading line in text books")
     max_chars: int = Field(200_000, gt=0, description="longer books/chapters are cut at paragraph breaks")
     max_file_bytes: int = Field(256 << 20, gt=0, description="larger files are rejected unread")
 
     def file_patterns(self) -> list[str]:
         return self.patterns
+
+    @field_validator("chapter_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        # compiled only when the books are read: a typo must be a config error before anything runs
+        if pattern is not None:
+            try:
+                re.compile(pattern, re.M)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
 
 
 def read_books(cfg: BooksSource, notes: dict[str, Any], ledger: SourceLedger) -> Iterator[Document | Reject]:

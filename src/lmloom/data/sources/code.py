@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmloom.data.documents import Document, Reject
 from lmloom.data.provenance import SourceLedger
@@ -83,6 +83,17 @@ class CodeSource(FileSource):
 
     def file_patterns(self) -> list[str]:
         return ["*"]
+
+    @field_validator("languages")
+    @classmethod
+    def _known_languages(cls, languages: list[str] | None) -> list[str] | None:
+        # a misspelt language would silently match no file at all
+        unknown = sorted(set(languages or ()) - set(LANGUAGES.values()))
+        if unknown:
+            raise ValueError(
+                f"unknown language {', '.join(map(repr, unknown))}; known: {', '.join(sorted(set(LANGUAGES.values())))}"
+            )
+        return languages
 
 
 def read_code(cfg: CodeSource, notes: dict[str, Any], ledger: SourceLedger) -> Iterator[Document | Reject]:

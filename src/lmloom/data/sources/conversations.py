@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmloom.data.documents import (
     INVALID_CONVERSATION,
@@ -56,6 +56,15 @@ class ConversationsSource(FileSource):
 
     def turn_template(self) -> str:
         return CHATML if self.template == "chatml" else self.template
+
+    @field_validator("template")
+    @classmethod
+    def _has_content(cls, template: str) -> str:
+        # without {content} every conversation would become the template text alone (a misspelt
+        # "chatml" included), silently dropping all of the data
+        if template != "chatml" and "{content}" not in template:
+            raise ValueError('expected "chatml" or a per-turn template with a {content} placeholder')
+        return template
 
 
 def read_conversations(

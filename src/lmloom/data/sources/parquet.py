@@ -25,6 +25,7 @@ from lmloom.data.documents import (
 from lmloom.data.provenance import SourceLedger
 from lmloom.data.sources.jsonl import encodable
 from lmloom.data.sources.reading import FileSource, list_files, read_seekable, reject_unreadable
+from lmloom.data.sources.storage import GlobPatterns
 
 
 class ParquetSource(FileSource):
@@ -35,7 +36,7 @@ class ParquetSource(FileSource):
     id_column: str | None = None  # without it (or where a row's is null) the id is "<file>:<row>"
     kind: Kind = "prose"
     batch_rows: int = Field(1024, gt=0, description="rows decoded at a time")
-    patterns: list[str] = Field(default_factory=lambda: ["*.parquet", "*.pq"], min_length=1)
+    patterns: GlobPatterns = Field(default_factory=lambda: ["*.parquet", "*.pq"], min_length=1)
 
     def file_patterns(self) -> list[str]:
         return self.patterns

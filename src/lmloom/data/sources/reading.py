@@ -146,7 +146,7 @@ def read_stream(
     origin = ledger.start(file.location, file.relpath)
     hashed: HashingReader | None = None
     problem: str | None = None
-    cursor = Cursor(f"{file.location}:1")
+    cursor = Cursor(f"{file}:1")
     try:
         with store.open(file) as raw:
             hashed = HashingReader(raw)

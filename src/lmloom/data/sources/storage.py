@@ -24,7 +24,7 @@ from typing import Annotated, Any, BinaryIO
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from lmloom.data.provenance import absolute_location, is_url, join_location
+from lmloom.data.provenance import absolute_location, is_url, join_location, printable
 from lmloom.errors import ConfigError, DataError
 
 # Option names whose values are credentials (matched case-insensitively, at any depth, e.g. inside
@@ -53,14 +53,17 @@ _REFUSED = "<literal secret refused>"
 
 def _location(value: Any) -> Any:
     """Local paths (and file:// URLs) become absolute Paths; other URLs stay strings."""
+    if not isinstance(value, str | Path):
+        raise ValueError(f"expected a path or URL string, got a {type(value).__name__}")
     if isinstance(value, str) and value.startswith("file://"):
         value = value.removeprefix("file://")
+    if isinstance(value, str) and not value.strip():
+        # Path("") is the current directory: an empty value must not quietly read all of it
+        raise ValueError("the path is empty; give a file, directory or URL ('.' for the current directory)")
     if isinstance(value, str) and "://" in value:
         scheme, _, rest = value.partition("://")
         return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else value
-    if isinstance(value, str | Path):
-        return Path(value).expanduser().resolve()
-    return value
+    return Path(value).expanduser().resolve()
 
 
 # Recorded absolute, so the manifest says exactly what was read and the stage key does not depend on
@@ -72,6 +75,23 @@ Location = Annotated[
     BeforeValidator(_location),
     Field(description="a local path (made absolute) or an fsspec URL: s3://bucket/prefix, memory://x, ..."),
 ]
+
+
+def _relative_patterns(patterns: list[str]) -> list[str]:
+    # matched against paths relative to the source's root: an absolute pattern would make
+    # pathlib's rglob raise, and one with ".." would reach outside the source (hidden files aside)
+    for pattern in patterns:
+        if not pattern.strip():
+            raise ValueError("a pattern is empty")
+        if Path(pattern).is_absolute() or ".." in PurePosixPath(pattern).parts:
+            raise ValueError(
+                f"pattern {pattern!r} must be relative to the source's path, without '..' (e.g. '*.txt', "
+                "'docs/*.md'); point `path` at the directory instead"
+            )
+    return patterns
+
+
+GlobPatterns = Annotated[list[str], AfterValidator(_relative_patterns)]
 
 
 def _redact_secrets(value: Any) -> Any:
@@ -153,7 +173,7 @@ class SourceFile:
         return PurePosixPath(self.relpath).name
 
     def __str__(self) -> str:
-        return str(self.location)
+        return printable(str(self.location))
 
 
 class Store:
@@ -277,7 +297,8 @@ class Store:
 
 def _local_file(path: Path, rel: str) -> SourceFile:
     stat = path.stat()
-    return SourceFile(rel, path, f"{stat.st_size}:{stat.st_mtime_ns}")
+    # the file is opened by its real path; its name is recorded (ids, rejects, provenance) printable
+    return SourceFile(printable(rel), path, f"{stat.st_size}:{stat.st_mtime_ns}")
 
 
 def matching_files(root: Path, patterns: list[str]) -> list[Path]:

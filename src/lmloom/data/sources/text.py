@@ -27,6 +27,7 @@ from lmloom.data.documents import (
 from lmloom.data.html import extract_main_text
 from lmloom.data.provenance import SourceLedger
 from lmloom.data.sources.reading import FileSource, list_files, read_whole, reject_unreadable
+from lmloom.data.sources.storage import GlobPatterns
 
 HTML_SUFFIXES = (".html", ".htm", ".xhtml")
 _SNIFF_BYTES = 8192
@@ -37,7 +38,7 @@ class TextDirSource(FileSource):
     """One document per file under `path` whose name matches a pattern (recursive; hidden files skipped)."""
 
     type: Literal["text-dir"] = "text-dir"
-    patterns: list[str] = Field(default_factory=lambda: ["*.txt", "*.md"], min_length=1)
+    patterns: GlobPatterns = Field(default_factory=lambda: ["*.txt", "*.md"], min_length=1)
     kind: Kind = "prose"
 
     def file_patterns(self) -> list[str]:

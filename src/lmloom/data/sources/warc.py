@@ -21,6 +21,7 @@ from lmloom.data.documents import NO_MAIN_TEXT, RECORD_TOO_LARGE, Document, Kind
 from lmloom.data.html import extract_main_text
 from lmloom.data.provenance import FileRecord, SourceLedger
 from lmloom.data.sources.reading import Cursor, FileSource, list_files, read_stream
+from lmloom.data.sources.storage import GlobPatterns
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
@@ -31,7 +32,7 @@ class WarcSource(FileSource):
     type: Literal["warc"] = "warc"
     kind: Kind = "prose"
     max_record_bytes: int = Field(8 << 20, gt=0, description="larger pages are rejected unread")
-    patterns: list[str] = Field(default_factory=lambda: ["*.warc", "*.warc.gz"], min_length=1)
+    patterns: GlobPatterns = Field(default_factory=lambda: ["*.warc", "*.warc.gz"], min_length=1)
 
     def file_patterns(self) -> list[str]:
         return self.patterns
@@ -69,7 +70,7 @@ def _pages(
 
     records = ArchiveIterator(stream)
     try:
-        for record in records:
+        for record in _parsed(records):
             if record.rec_type != "response":
                 skipped[f"{record.rec_type}-record"] += 1
                 continue
@@ -110,6 +111,20 @@ def _pages(
             yield Document(doc_id, text, cfg.kind, cfg.label, meta, origin)
     except ArchiveLoadFailed as exc:  # not a WARC, or a damaged record header
         raise ValueError(str(exc)) from None
+
+
+def _parsed(records: Any) -> Iterator[Any]:
+    """warcio's records; a record header its parser trips over (e.g. a response without a
+    WARC-Target-URI raises AttributeError inside warcio) is a damaged file, not a crash."""
+    iterator = iter(records)
+    while True:
+        try:
+            record = next(iterator)
+        except StopIteration:
+            return
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise ValueError(f"malformed WARC record ({type(exc).__name__}: {exc})") from None
+        yield record
 
 
 def _read_up_to(stream: Any, limit: int) -> bytes:
