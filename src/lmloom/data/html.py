@@ -14,6 +14,16 @@ import re
 _NOT_TEXT = ("script", "style", "noscript", "template", "nav", "header", "footer", "aside", "form", "svg")
 _BLANK_LINES = re.compile(r"\n\s*\n+")
 
+# The fallback parser takes time quadratic in nesting depth (200,000 nested <div>s, a 1.2 MB page:
+# minutes). Real pages nest a few dozen deep; a page past this is markup nobody reads, so no text.
+MAX_FALLBACK_DEPTH = 2048
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9-]*)[^>]*?(/?)>")
+# Elements that never hold others (void) or whose end tag may be left out: they do not deepen a page.
+_FLAT = frozenset(
+    "area base br col embed hr img input link meta source track wbr "
+    "p li dt dd tr td th thead tbody tfoot option optgroup rb rt rp colgroup caption".split()
+)
+
 # trafilatura logs every page it gives up on; the reader counts those itself.
 logging.getLogger("trafilatura").setLevel(logging.ERROR)
 
@@ -23,7 +33,7 @@ def extract_main_text(html: str, url: str | None = None) -> str | None:
     if not html.strip():
         return None
     text = _trafilatura_text(html, url)
-    if not text:
+    if not text and not _nested_deeper_than(html, MAX_FALLBACK_DEPTH):
         text = _visible_text(html)
     text = _BLANK_LINES.sub("\n\n", text or "").strip()
     return text or None
@@ -57,3 +67,19 @@ def _visible_text(html: str) -> str:
             node.decompose()
     root = tree.body or tree.root
     return root.text(separator="\n", strip=True) if root is not None else ""
+
+
+def _nested_deeper_than(html: str, limit: int) -> bool:
+    """Whether the page's elements nest more than `limit` deep (one linear scan of its tags)."""
+    depth = 0
+    for match in _TAG.finditer(html):
+        closing, name, self_closing = match.groups()
+        if self_closing or name.lower() in _FLAT:
+            continue
+        if closing:
+            depth = max(0, depth - 1)
+        else:
+            depth += 1
+            if depth > limit:
+                return True
+    return False
