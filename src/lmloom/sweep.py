@@ -287,8 +287,28 @@ def check_space(recipe: Recipe, space: SweepSpace, where: str) -> SweepPlan:
                 f"{where}: enqueue[{i}]: {', '.join(unknown)} not in params ({', '.join(space.params)})"
             )
         for key, value in entry.items():
+            outside = _outside(space.params[key], value)
+            if outside:
+                raise ConfigError(f"{where}: enqueue[{i}].{key} = {value!r}: {outside}")
             check(key, value, f"{where}: enqueue[{i}].{key}")
     return SweepPlan(base, space, where, target, runs, raw)
+
+
+def _outside(param, value: Any) -> str | None:
+    """Why `value` is not a point of `param`'s space (Optuna would run an enqueued one anyway), or None."""
+    if isinstance(param, CategoricalParam):
+        return None if value in param.choices else f"not one of the choices {param.choices}"
+    number = int if isinstance(param, IntParam) else int | float
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string, which the config takes as a number
+        try:
+            value = int(value) if number is int else float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, number):
+        return f"expected {'an integer' if number is int else 'a number'} in [{param.low}, {param.high}]"
+    if not param.low <= value <= param.high:
+        return f"outside the range [{param.low}, {param.high}] of params"
+    return None
 
 
 def _check_step_config(raw: dict[str, Any], key: str, value: Any, label: str) -> None:
@@ -651,8 +671,11 @@ def _execute(sweep: SweepPlan, values: dict[str, Any], ctx: RunContext, trial) -
     found = meta.get(metric)
     if isinstance(found, bool) or not isinstance(found, int | float):
         numbers = sorted(k for k, v in meta.items() if isinstance(v, int | float) and not isinstance(v, bool))
-        error = f"its artifact has no number {metric!r} in its metadata (it has: {', '.join(numbers)})"
-        return _Outcome("failed", None, steps, done.artifact.id, error=error, max_steps=max_steps)
+        # Not the trial's values: every trial would end so, so the sweep stops rather than run them all.
+        raise ConfigError(
+            f"{sweep.where}: objective.metric = {metric!r} is not a number step {sweep.target!r} records "
+            f"(its artifact {done.artifact.short_id} has: {', '.join(numbers)})"
+        )
     if not math.isfinite(found):
         return _Outcome(
             "failed", None, steps, done.artifact.id, error=f"{metric} is {found}", max_steps=max_steps

@@ -41,6 +41,25 @@ def _open_checkpoint(model: str):
     return store, artifact
 
 
+def _check_json_path(path: Path | None) -> None:
+    """Refuse a --json path that cannot be written before the evaluation runs, not after."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory; give a file name", param_hint="--json")
+    if not path.parent.is_dir():
+        raise typer.BadParameter(f"{path.parent} is not an existing directory", param_hint="--json")
+
+
+def _write_json(path: Path, text: str) -> None:
+    from lmloom.errors import LmloomError
+
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise LmloomError(f"--json {path}: cannot be written ({exc.strerror})") from None
+
+
 def _audit(event: str, artifact, **fields) -> None:
     from lmloom.security.context import store_audit_log
 
@@ -58,6 +77,7 @@ def bias(
     from lmloom.evaluate.bias import BIAS_COLUMNS, bias_report, bias_table
     from lmloom.serve.loading import load_checkpoint_artifact
 
+    _check_json_path(json_path)
     _, artifact = _open_checkpoint(model)
     report = bias_report(*load_checkpoint_artifact(artifact), max_new_tokens=max_new_tokens)
     _audit("evaluate.bias", artifact, logprob_max_gap=report["logprob_max_gap"])
@@ -67,7 +87,7 @@ def bias(
         bias_table(report),
     )
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+        _write_json(json_path, json.dumps(report, indent=2))
 
 
 @app.command("robustness")
@@ -84,6 +104,7 @@ def robustness(
     from lmloom.evaluate.robustness import ROBUSTNESS_COLUMNS, robustness_report, robustness_table
     from lmloom.serve.loading import load_checkpoint_artifact
 
+    _check_json_path(json_path)
     store, artifact = _open_checkpoint(model)
     docs, source = heldout_documents(store, artifact)
     report = robustness_report(
@@ -101,7 +122,7 @@ def robustness(
         robustness_table(report),
     )
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2))
+        _write_json(json_path, json.dumps(report, indent=2))
 
 
 @app.command("gates")
@@ -111,7 +132,7 @@ def gates(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", help="Gates config YAML [default: <store>/gates.yaml, else built-in defaults]."
+            "--config", help="Gates config YAML [default: STORE/gates.yaml, else built-in defaults]."
         ),
     ] = None,
 ) -> None:
@@ -183,6 +204,10 @@ def harness(
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     if not names:
         raise typer.BadParameter("name at least one task", param_hint="--tasks")
+    for folder in include_path or ():
+        if not folder.is_dir():
+            raise typer.BadParameter(f"{folder} is not a directory", param_hint="--include-path")
+    _check_json_path(json_path)
     manager = lm_harness.task_manager(include_path or (), include_defaults=lm_eval_tasks)
     unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
     if unknown:
@@ -198,6 +223,14 @@ def harness(
 
     if device.startswith("cuda") and not torch.cuda.is_available():  # lm_eval's model would fall back
         raise typer.BadParameter(f"{device}: CUDA is not available on this machine", param_hint="--device")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as exc:  # a name torch does not know
+        raise typer.BadParameter(f"{device}: {exc}", param_hint="--device") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError):  # a device this machine (or this torch) lacks
+        raise typer.BadParameter(f"{device}: not available on this machine", param_hint="--device") from None
     if threads:
         torch.set_num_threads(threads)
     _, artifact = _open_checkpoint(model)
@@ -218,4 +251,4 @@ def harness(
         [lm_harness.format_row(row) for row in rows],
     )
     if json_path:
-        json_path.write_text(lm_harness.results_json(report))
+        _write_json(json_path, lm_harness.results_json(report))

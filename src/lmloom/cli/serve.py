@@ -42,14 +42,34 @@ def serve(
     """Serve an OpenAI-compatible API behind the security gateway (API keys, limits, filters, audit).
 
     Every route but /livez needs a key from `lmloom keys api create`. Binding anything but loopback
-    needs TLS (tls.cert / tls.key in the config).
+    needs TLS (tls.cert / tls.key in the config). The config file (YAML, every key optional):
+
+        host: 127.0.0.1
+        port: 8000
+        tls: {cert: gw.crt, key: gw.key}
+        limits: {rpm: 60, tpm: 100000}
+        validation: {max_body_bytes: 1000000, max_tokens_cap: 4096, default_max_tokens: 512, max_n: 4}
+        injection: {action: block, patterns: {my_rule: "(?i)open the pod bay doors"}}
+        filters: {blocked_categories: [weapons]}
+        upstream_api_key_env: VLLM_API_KEY
+        log_prompts: false
+
+    A request without max_tokens gets default_max_tokens; a checkpoint served here fits it to the
+    context the prompt leaves.
     """
     from lmloom.serve.gateway import ApiKeyStore, create_gateway, load_gateway_config
 
     if (artifact is None) == (upstream is None):
         raise ConfigError("give either a checkpoint ARTIFACT to serve or --upstream URL, not both or neither")
-    if upstream is not None and not upstream.startswith(("http://", "https://")):
-        raise ConfigError(f"--upstream {upstream!r}: expected an http(s):// base URL")
+    if upstream is not None:
+        import httpx
+
+        try:
+            url = httpx.URL(upstream)
+        except httpx.InvalidURL as exc:
+            raise ConfigError(f"--upstream {upstream!r}: not a URL ({exc})") from None
+        if url.scheme not in ("http", "https") or not url.host or not 0 < (url.port or 80) < 65536:
+            raise ConfigError(f"--upstream {upstream!r}: expected an http(s)://host[:port][/prefix] base URL")
     settings = load_gateway_config(config, host=host, port=port)
     root = store_root()
     opened = None

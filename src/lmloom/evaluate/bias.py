@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from lmloom.errors import LmloomError
+
 TEMPLATES_FILE = "bias_templates.json"
 
 # A small sentiment lexicon for short continuations (lower-case words; written for lmloom).
@@ -110,6 +112,13 @@ def bias_report(model, tokenizer, max_new_tokens: int = 16, probes: Probes | Non
             logprob, sentiment, texts = {}, {}, {}
             for term in terms:
                 prompt = [*bos, *tokenizer.encode(template["prompt"].format(person=term))]
+                if len(prompt) + len(cont) > model.config.seq_len:
+                    raise LmloomError(
+                        f"the bias probes do not fit this model's context: template {template['id']!r} "
+                        f"with {term!r} takes {len(prompt) + len(cont)} tokens, the model's seq_len is "
+                        f"{model.config.seq_len} (release gates: set checks.bias_max_gap and "
+                        "checks.bias_sentiment_max_gap to null to skip the bias probes)"
+                    )
                 logprob[term] = continuation_logprob(model, prompt, cont)
                 text = tokenizer.decode(_greedy(model, prompt, max_new_tokens, eos), skip_special_tokens=True)
                 texts[term] = text

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.config import StrictConfig
@@ -61,6 +61,13 @@ class GateChecks(StrictConfig):
     ppl_improvement_min: float | None = Field(None, ge=0, description="unigram ppl / model ppl")
     mia_auc_max: float | None = Field(None, ge=0, le=1)
     canary_exposure_max: float | None = Field(None, ge=0)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's yes/true would pass as 1.0: a threshold is a number
+            raise ValueError(f"expected a number or null, got {value!r}")
+        return value
 
 
 class GatesConfig(StrictConfig):
@@ -345,8 +352,18 @@ def load_policy(store_root: Path) -> GatesPolicy | None:
 def load_gates_file(path: Path, model=GatesConfig):
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"gates config {path}: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"gates config {path}: cannot be read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(
+            f"gates config {path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"gates config {path}: expected a mapping (checks:, seed:, ...), got {type(data).__name__}"
+        )
     if model is GatesConfig:
         data.pop("required", None)  # a policy file doubles as the config of the checks it requires
     try:

@@ -44,6 +44,7 @@ from lmloom.serve.engine import (
     RequestOutput,
     SamplingParams,
 )
+from lmloom.serve.gateway.validation import field_path, lone_surrogate_at
 from lmloom.serve.metrics import CONTENT_TYPE
 from lmloom.tune.chat import END_MARKER, TURN_FOOTER, ChatFormatError, encode_prompt
 
@@ -204,8 +205,14 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+            detail = (first.get("ctx") or {}).get("error", "")
+            message = "request body is not valid JSON" + (f" ({detail})" if detail else "")
+            return reject(APIError(400, message, code="invalid_json"))
+        if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "model_attributes_type":
+            message = "request body must be a JSON object, sent with Content-Type: application/json"
+            return reject(APIError(400, message, code="invalid_json"))
+        param = field_path(p for p in first.get("loc", ()) if p != "body") or None
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more error(s))"
@@ -255,7 +262,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         return model_card()
 
     @app.post("/v1/completions", responses=_ERROR_RESPONSES)
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        _check_unicode(body)
         check_model(body.model)
         if body.logprobs is not None:
             raise _unsupported("logprobs", "logprobs")
@@ -266,7 +274,10 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         prompts = _completion_prompts(body.prompt, engine)
         if len(prompts) * body.n > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
-        params = _sampling_params(body, body.max_tokens or 16, extra_stop=())
+        max_tokens = body.max_tokens or 16
+        if _gateway_default(request):
+            max_tokens = _fit(max_tokens, engine.max_len - max(len(ids) for ids in prompts))
+        params = _sampling_params(body, max_tokens, extra_stop=())
         echoes = [_decode(engine, ids) if body.echo else "" for ids in prompts]
         requests = [(ids, _choice_params(params, j)) for ids in prompts for j in range(body.n)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -297,7 +308,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
         }
 
     @app.post("/v1/chat/completions", responses=_ERROR_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        _check_unicode(body)
         check_model(body.model)
         if body.logprobs:
             raise _unsupported("logprobs", "logprobs")
@@ -324,6 +336,8 @@ def create_app(engine: Engine, model_name: str) -> FastAPI:
                     code="context_length_exceeded",
                     reason="context_length",
                 )
+        elif _gateway_default(request):
+            max_tokens = _fit(max_tokens, engine.max_len - len(ids))
         params = _sampling_params(body, max_tokens, extra_stop=(TURN_FOOTER, END_MARKER))
         requests = [(ids, _choice_params(params, j)) for j in range(body.n)]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -397,6 +411,29 @@ def _sampling_params(body: _SamplingRequest, max_tokens: int, extra_stop: Sequen
         )
     except (TypeError, ValueError) as exc:
         raise APIError(400, str(exc)) from None
+
+
+def _check_unicode(body: BaseModel) -> None:
+    """Refuse a string with a lone UTF-16 surrogate (JSON's "\\ud800"), which is no text: no tokenizer
+    encodes it and no response can carry it back. `param` names the field."""
+    bad = lone_surrogate_at(body.model_dump(exclude_defaults=True))
+    if bad is not None:
+        raise APIError(
+            400,
+            f"{bad}: text holds a lone UTF-16 surrogate, which is not Unicode",
+            param=bad,
+            code="invalid_value",
+        )
+
+
+def _gateway_default(request: Request) -> bool:
+    """Is max_tokens the default lmloom's gateway set (the client gave none)? Then it is a bound, not a
+    demand: fitted to the context the prompt leaves, as a request without max_tokens is here."""
+    return request.headers.get("x-lmloom-max-tokens-default") == "1"
+
+
+def _fit(max_tokens: int, room: int) -> int:
+    return min(max_tokens, room) if room >= 1 else max_tokens  # no room: the context error says so
 
 
 def _choice_params(params: SamplingParams, choice: int) -> SamplingParams:

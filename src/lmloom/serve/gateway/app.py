@@ -83,6 +83,7 @@ _REQUEST_DROP = _HOP | {
     b"cookie",
     b"x-api-key",
     b"accept-encoding",
+    b"x-lmloom-max-tokens-default",  # only the gateway says that (below)
 }
 # content-encoding: the gateway asks for identity and refuses anything else, so the body is never encoded
 _RESPONSE_DROP = _HOP | {b"content-length", b"content-encoding", b"server", b"date", b"set-cookie",
@@ -256,6 +257,12 @@ class Gateway:
                     "endpoint_not_allowed",
                     endpoint=route,
                 )
+            # /v1/models lists only the key's models; /v1/models/ID must not show the others either
+            model_id = path.rstrip("/")[len("/v1/models/") :] if route == "models" else ""
+            if model_id and not record.allows_model(model_id):
+                log["model"] = model_id[:256]
+                raise self._denied(record, log, f"this API key may not use the model {model_id[:256]!r}",
+                                   "model_not_allowed", model=model_id[:256])  # fmt: skip
             if route == "metrics":
                 response = Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
                 self._done(record, log, 200, t0)
@@ -354,10 +361,16 @@ class Gateway:
         validated: ValidatedRequest | None, content: bytes, log: dict[str, Any], t0: float,
     ) -> ASGIApp:  # fmt: skip
         assert self.client is not None
+        if validated is not None:  # the body was read as a JSON object: say so, whatever the client sent
+            forward = {**forward, b"content-type": b"application/json"}
+            if validated.default_max_tokens:  # lmloom's API fits it to the context left (not a demand)
+                forward[b"x-lmloom-max-tokens-default"] = b"1"
         headers = [*forward.items(), (b"accept-encoding", b"identity")]
         if self.upstream_auth:
             headers.append((b"authorization", self.upstream_auth))
         path = scope["path"]
+        if route != "other":  # the path classified (no trailing /): an upstream redirect names its own host
+            path = path.rstrip("/") or "/"
         target = _quote_path(path)
         query = scope.get("query_string")
         if query:

@@ -135,7 +135,12 @@ def parse_duration(text: str) -> timedelta | None:
     if int(match.group(1)) == 0:
         raise ConfigError(f"--expires {text!r}: a key must live longer than that; for no expiry say never")
     unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[match.group(2)]
-    return timedelta(**{unit: int(match.group(1))})
+    try:
+        lifetime = timedelta(**{unit: int(match.group(1))})
+        _now() + lifetime  # the expiry date must exist (year <= 9999)
+    except OverflowError:
+        raise ConfigError(f"--expires {text!r}: too far in the future; for no expiry say never") from None
+    return lifetime
 
 
 def check_scopes(models: list[str], endpoints: list[str]) -> None:

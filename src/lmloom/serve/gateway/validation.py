@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -101,6 +102,7 @@ class ValidatedRequest:
     prompt_tokens_estimate: int = 0
     include_usage: bool = False
     modified: bool = False  # the body must be re-serialised (a default max_tokens was set)
+    default_max_tokens: bool = False  # max_tokens is the gateway's default, not the client's
 
     @property
     def token_cost(self) -> int:
@@ -140,7 +142,57 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise GatewayError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
     if not isinstance(value, dict):
         raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(text):  # json.loads lets a lone "\ud800" through; it is no text
+        _check_unicode(value, "")
     return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse strings with a lone UTF-16 surrogate (which no tokenizer, log or hash can encode)."""
+    bad = lone_surrogate_at(value, where)
+    if bad is not None:
+        raise GatewayError(
+            400,
+            f"{bad}: text holds a lone UTF-16 surrogate escape (such as \\ud800), which is not Unicode",
+            code="invalid_encoding",
+            param=bad,
+        )
+
+
+def lone_surrogate_at(value: Any, where: str = "") -> str | None:
+    """The path (`messages.0.content`) of the first string in `value` holding a lone UTF-16 surrogate,
+    which JSON's "\\ud800" lets through and no UTF-8 encoder takes; None when there is none."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    else:
+        return None
+    for key, item in items:
+        found = lone_surrogate_at(key, where or "body") or lone_surrogate_at(
+            item, f"{where}.{key}" if where else str(key)
+        )
+        if found is not None:
+            return found
+    return None
+
+
+def field_path(loc: Any) -> str:
+    """A pydantic error location as the request field it names: the tags pydantic adds for the members
+    of a union (`str`, `list[str]`) are not fields (`stop.str` is `stop`, `prompt.list[str].1` is `prompt.1`)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p)))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool"}
 
 
 def validate_request(
@@ -158,7 +210,7 @@ def validate_request(
         request = schema.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
+        where = field_path(first["loc"])
         raise GatewayError(422, f"{where}: {first['msg']}", code="invalid_request", param=where) from None
     extra = sorted(set(request.model_extra or ()) - set(config.extra_fields))
     if extra:
@@ -200,6 +252,7 @@ def validate_request(
         prompt_tokens_estimate=math.ceil(prompt_bytes / bytes_per_token) + per_message,
         include_usage=bool((request.stream_options or {}).get("include_usage")),
         modified=body != raw,
+        default_max_tokens=body.get("max_tokens") != raw.get("max_tokens"),
     )
 
 
