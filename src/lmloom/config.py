@@ -113,6 +113,10 @@ def format_validation_error(exc: ValidationError, prefix: str, model: type[BaseM
         elif err["type"] == "union_tag_not_found":
             tags = ", ".join(_union_tags(target)) or "?"
             lines.append(f"{key}: needs a '{err['ctx']['discriminator'].strip(chr(39))}' key, one of: {tags}")
+        elif err["type"] == "value_error" and isinstance(err["input"], dict):
+            # A whole block's own check (a model validator): its message names the keys; echoing the
+            # block back would bury it under every value of the block.
+            lines.append(f"{key}: {err['ctx']['error']}")
         else:
             lines.append(f"{key} = {err['input']!r}: {err['msg']}")
     return "\n".join(lines)

@@ -54,7 +54,7 @@ from lmloom.tokenizers.base import EOS_ID
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tune.chat import escape_markers, reply_text
 from lmloom.tune.safety import load_safety_set
-from lmloom.tune.stage import BUILTIN, builtin_instructions, data_fingerprint
+from lmloom.tune.stage import BUILTIN, builtin_instructions, data_fingerprint, refuse_adapter_only
 
 PAIRS_FILE, SFT_FILE, CRITIQUES_FILE = "pairs.jsonl", "sft.jsonl", "critiques.jsonl"
 
@@ -154,6 +154,7 @@ def run(config: ConstitutionalConfig, inputs, ctx, out) -> None:
     torch.manual_seed(config.seed)
     constitution = load_constitution(config.constitution)
     tokenizer = load_tokenizer(checkpoint)
+    refuse_adapter_only(checkpoint)
     model = model_from_files(checkpoint.read_bytes).eval()
     tasks, source = constitutional_tasks(config)
     skipped: Counter = Counter()

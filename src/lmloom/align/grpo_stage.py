@@ -140,7 +140,11 @@ def load_prompt_tasks(path: str) -> tuple[list[PromptTask], LoadReport]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"prompts file {path}: not found")
-    for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"prompts file {path}: not UTF-8 text ({exc})") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         report.rows += 1
@@ -157,6 +161,7 @@ def load_prompt_tasks(path: str) -> tuple[list[PromptTask], LoadReport]:
         except ValueError as exc:
             report.skip("bad_row", line_no, str(exc))
     report.kept = len(tasks)
+    report.require_some()  # a file of bad rows is that, not "no prompt fits the context" later
     return tasks, report
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lmloom.cli.common import current_access, err, open_store, out, public, requires
@@ -66,8 +67,14 @@ def train(
 
     store = open_store()
     shards_id = store.resolve(shards)
+    manifest = store.read_manifest(shards_id)
+    if manifest.kind != "shards":  # said first: "records no tokenizer" would send the user the wrong way
+        raise ConfigError(
+            f"artifact {shards_id[:12]} is a {manifest.kind}, not token shards; give the id of a "
+            "tokenizer.encode artifact (lmloom artifacts ls)"
+        )
     if tokenizer is None:
-        tokenizer = store.read_manifest(shards_id).inputs.get("tokenizer")
+        tokenizer = manifest.inputs.get("tokenizer")
         if tokenizer is None:
             raise ConfigError(f"artifact {shards_id[:12]} records no tokenizer; pass --tokenizer")
     inputs = {"shards": f"artifact:{shards_id}", "tokenizer": f"artifact:{store.resolve(tokenizer)}"}
@@ -167,10 +174,19 @@ def recipes(name: Annotated[str | None, typer.Argument(help="Show this recipe's 
 
 
 @public
-def stages() -> None:
-    """List the stages a recipe can use, with their inputs and config keys."""
+def stages(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="Show this stage's config keys (e.g. train.pretrain): type, default, meaning."),
+    ] = None,
+) -> None:
+    """List the stages a recipe can use, with their inputs and config keys; `lmloom stages NAME` explains
+    every key of one stage, nested blocks as dotted keys (what `--set STEP.KEY=VALUE` takes)."""
     from lmloom.stages import get_stage, stage_names
 
+    if name:
+        _print_stage_keys(get_stage(name))
+        return
     table = Table()
     for column in ("stage", "makes", "inputs", "config keys", "needs permission", "what it does"):
         table.add_column(column)
@@ -184,3 +200,46 @@ def stages() -> None:
         keys = ", ".join(stage.config.model_fields)
         table.add_row(name, stage.kind, inputs, keys, ", ".join(stage.permissions), stage.description)
     out.print(table)
+
+
+def _print_stage_keys(stage) -> None:
+    table = Table(title=f"{stage.name}: {stage.description}", title_justify="left")
+    for column in ("key", "type", "default", "meaning"):
+        table.add_column(column, overflow="fold")
+    for row in _config_keys(stage.config, stage.config()):
+        table.add_row(*(escape(cell) for cell in row))  # defaults like ['*.txt'] are text, not markup
+    out.print(table)
+
+
+def _config_keys(model, instance, prefix: str = ""):
+    """(dotted key, type, default, description) of every field, a nested block's fields after it."""
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        value = getattr(instance, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):  # a block: its own keys, with the defaults this stage gives them
+            yield key, "block", "", field.description or ""
+            yield from _config_keys(type(value), value, f"{key}.")
+            continue
+        yield key, _type_name(field.annotation), _shown(value), field.description or ""
+
+
+def _shown(value) -> str:
+    """A default as a user would write it in YAML/JSON (`["*.txt"]`, not a Python repr of objects)."""
+    import json
+
+    from pydantic_core import to_jsonable_python
+
+    try:
+        return json.dumps(to_jsonable_python(value))
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _type_name(annotation) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:  # the choices are what a user needs to see
+        return " | ".join(str(choice) for choice in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -27,7 +27,7 @@ def count_windows(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
-def _check_windows(shards: TokenShards, seq_len: int) -> int:
+def check_windows(shards: TokenShards, seq_len: int) -> int:
     if seq_len < 1:
         raise LmloomError(f"seq_len = {seq_len}: must be at least 1")
     n_windows = count_windows(shards.n_tokens, seq_len)
@@ -59,7 +59,7 @@ class WindowLoader:
         self.shards = shards
         self.seq_len = seq_len
         self.seed = seed
-        self.n_windows = _check_windows(shards, seq_len)
+        self.n_windows = check_windows(shards, seq_len)
         self._orders: dict[int, np.ndarray] = {}  # the last two epochs' permutations
 
     @property
@@ -108,7 +108,7 @@ def validation_batches(
     """
     if batch_size < 1:
         raise LmloomError(f"batch_size = {batch_size}: must be at least 1")
-    n_windows = _check_windows(shards, seq_len)
+    n_windows = check_windows(shards, seq_len)
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     for first in range(0, n_windows, batch_size):

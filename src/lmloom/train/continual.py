@@ -25,7 +25,7 @@ from lmloom.models.io import model_files, model_from_files
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
-from lmloom.tokenizers.loader import WindowLoader, _gather, validation_batches
+from lmloom.tokenizers.loader import WindowLoader, _gather, check_windows, validation_batches
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
 from lmloom.train.curriculum import _mix
@@ -34,7 +34,7 @@ from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 
 
 class ContinueConfig(LoopConfig):
-    seed: int = Field(1337, description="seeds the data order and the replay draws")
+    seed: int = Field(1337, ge=0, description="seeds the data order and the replay draws")
     replay: float = Field(0.25, ge=0, lt=1, description="expected share of old-data windows per batch")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
 
@@ -79,11 +79,15 @@ def run(config: ContinueConfig, inputs, ctx, out) -> None:
         torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
+    from lmloom.tune.stage import refuse_adapter_only  # here: train/ does not import tune/ at load
+
+    refuse_adapter_only(checkpoint)
     model = model_from_files(checkpoint.read_bytes).train()
     seq_len = model.config.seq_len
     optimizer = build_optimizer(model, config.optim)
     new_train, new_val = TokenShards(shards_art, "train"), TokenShards(shards_art, "val")
     old_train, old_val = TokenShards(old_art, "train"), TokenShards(old_art, "val")
+    check_windows(new_val, seq_len)  # too short for one window: fail now, not after training
     new_loader = WindowLoader(new_train, seq_len, seed=config.seed)
     data = new_loader
     if config.replay > 0:

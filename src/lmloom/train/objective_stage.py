@@ -41,7 +41,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
@@ -58,7 +58,7 @@ from lmloom.objectives import (
 from lmloom.objectives.prefix import prefix_lm_attention_mask
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES, BOS_ID, EOS_ID, PAD_ID
-from lmloom.tokenizers.loader import WindowLoader, _check_windows, _gather
+from lmloom.tokenizers.loader import WindowLoader, _gather, check_windows
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train.checkpoint import CheckpointCodecs
@@ -70,6 +70,7 @@ from lmloom.train.trainer import LoopConfig, evaluate, train_loop
 PAIRS = {"gpt": ("clm", "prefix_lm"), "llama": ("clm", "prefix_lm"), "bert": ("mlm",), "t5": ("span",)}
 MIXTURE = "mixture"  # the `objective` of a config that sets `objectives`
 N_SENTINELS = 100
+PLANNING_VOCAB = 32000  # stands in for the tokenizer's vocabulary when a config is checked before a run
 HF_CLASS = {
     "gpt": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
@@ -91,7 +92,9 @@ class ObjectiveTrainConfig(LoopConfig):
     preset: str = Field("tiny", description="the architecture's named preset (see its config class)")
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of the preset's fields")
     seq_len: int = Field(128, ge=8, description="tokens per training window")
-    seed: int = Field(1337, description="seeds initialisation, the data order and the objective's draws")
+    seed: int = Field(
+        1337, ge=0, description="seeds initialisation, the data order and the objective's draws"
+    )
     compile: bool = Field(False, description="torch.compile the model for training")
 
     @model_validator(mode="before")
@@ -130,24 +133,22 @@ class ObjectiveTrainConfig(LoopConfig):
             raise ValueError(
                 f"objective {self.objective!r} does not fit architecture {self.architecture!r}; it takes {takes}"
             )
-        if self.architecture == "llama":
-            self._check_llama()
-        return self
-
-    def _check_llama(self) -> None:
-        """Refuse, before any training, a decoder that the Llama export could not hold."""
-        from lmloom.models.decoder import DecoderConfig
-
-        if self.model.get("parallel"):
+        if self.architecture == "llama" and self.model.get("parallel"):
+            # Refused before any training: the Llama export could not hold it.
             raise ValueError(
                 "model.parallel: a parallel (PaLM-style) block has no Hugging Face Llama equivalent, and "
                 "train.objective saves LlamaForCausalLM; use parallel: false (or train.pretrain, which "
                 "saves lmloom's own format)"
             )
+        # Every architecture's preset and `model` overrides, when the recipe is planned: an unknown
+        # preset or key would otherwise surface after the data had loaded, as pydantic's own report.
         try:
-            DecoderConfig.preset(self.preset, **{"seq_len": self.seq_len, **self.model})
-        except (ValueError, TypeError) as exc:
+            model_config(self, vocab=PLANNING_VOCAB)
+        except ValidationError as exc:
             raise ValueError(f"model: {_first_line(exc)}") from None
+        except (ValueError, TypeError) as exc:  # an unknown preset (its message names it)
+            raise ValueError(_first_line(exc)) from None
+        return self
 
     @property
     def tasks(self) -> dict[str, float]:
@@ -168,8 +169,18 @@ def _first_line(exc: Exception) -> str:
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        return "; ".join(
+            ": ".join(filter(None, (".".join(map(str, e["loc"])), _message(e)))) for e in exc.errors()
+        )
     return str(exc).splitlines()[0]
+
+
+def _message(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return f"unknown key (value {error['input']!r})"
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])  # without pydantic's "Value error, " prefix
+    return error["msg"]
 
 
 # -- the models, wrapped to the loop's model(inputs, targets) -> loss -----------------------------------
@@ -254,28 +265,26 @@ class SpanLoss(CausalLoss):
         return self.model(inputs, decoder_inputs, attention_mask=padding, targets=targets)
 
 
-def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Module, torch.nn.Module, int]:
-    """(the model, its loss wrapper, the model's vocabulary size)."""
+def model_config(config: ObjectiveTrainConfig, vocab: int):
+    """The architecture's config: its preset, this run's vocabulary and length, the `model` overrides."""
     overrides = dict(config.model)
     if config.architecture == "gpt":
-        from lmloom.models.gpt import GPT, GPTConfig
+        from lmloom.models.gpt import GPTConfig
 
-        cfg = GPTConfig.preset(config.preset, **{"vocab_size": vocab, "seq_len": config.seq_len, **overrides})
-        model = GPT(cfg)
-        return model, _decoder_loss(config, model), vocab
-    if config.architecture == "llama":
-        from lmloom.models.decoder import Decoder, DecoderConfig
-
-        cfg = DecoderConfig.preset(
+        return GPTConfig.preset(
             config.preset, **{"vocab_size": vocab, "seq_len": config.seq_len, **overrides}
         )
-        model = Decoder(cfg)
-        return model, _decoder_loss(config, model), vocab
+    if config.architecture == "llama":
+        from lmloom.models.decoder import DecoderConfig
+
+        return DecoderConfig.preset(
+            config.preset, **{"vocab_size": vocab, "seq_len": config.seq_len, **overrides}
+        )
     if config.architecture == "bert":
-        from lmloom.models.encoder import Encoder, EncoderConfig
+        from lmloom.models.encoder import EncoderConfig
 
         # masked LM corrupts whole windows (seq_len + 1 tokens): no shift, so one more position
-        cfg = EncoderConfig.preset(
+        return EncoderConfig.preset(
             config.preset,
             **{
                 "vocab_size": vocab + 1,
@@ -284,11 +293,9 @@ def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Modu
                 **overrides,
             },
         )
-        model = Encoder(cfg)
-        return model, MaskedLoss(model), vocab + 1
-    from lmloom.models.encoder_decoder import T5, T5Config
+    from lmloom.models.encoder_decoder import T5Config
 
-    cfg = T5Config.preset(
+    return T5Config.preset(
         config.preset,
         **{
             "vocab_size": vocab + N_SENTINELS,
@@ -297,6 +304,28 @@ def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Modu
             **overrides,
         },
     )
+
+
+def build_model(config: ObjectiveTrainConfig, vocab: int) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """(the model, its loss wrapper, the model's vocabulary size)."""
+    cfg = model_config(config, vocab)
+    if config.architecture == "gpt":
+        from lmloom.models.gpt import GPT
+
+        model = GPT(cfg)
+        return model, _decoder_loss(config, model), vocab
+    if config.architecture == "llama":
+        from lmloom.models.decoder import Decoder
+
+        model = Decoder(cfg)
+        return model, _decoder_loss(config, model), vocab
+    if config.architecture == "bert":
+        from lmloom.models.encoder import Encoder
+
+        model = Encoder(cfg)
+        return model, MaskedLoss(model), vocab + 1
+    from lmloom.models.encoder_decoder import T5
+
     model = T5(cfg)
     return model, SpanLoss(model), vocab + N_SENTINELS
 
@@ -399,7 +428,7 @@ def mixture_val_batches(
     shards: TokenShards, seq_len: int, batch_size: int, limit: int, loader: MixtureLoader, seed: int
 ):
     """Validation windows, each batch under a task drawn as in training (from seed + 1)."""
-    n_windows = min(_check_windows(shards, seq_len), limit)
+    n_windows = min(check_windows(shards, seq_len), limit)
     for first in range(0, n_windows, batch_size):
         x, y = _gather(shards, np.arange(first, min(first + batch_size, n_windows)), seq_len)
         gen = _generator(seed + 1, first)
@@ -411,7 +440,7 @@ def mixture_val_batches(
 def objective_val_batches(
     shards: TokenShards, seq_len: int, batch_size: int, limit: int, transform, seed: int
 ):
-    n_windows = min(_check_windows(shards, seq_len), limit)
+    n_windows = min(check_windows(shards, seq_len), limit)
     for first in range(0, n_windows, batch_size):
         x, y = _gather(shards, np.arange(first, min(first + batch_size, n_windows)), seq_len)
         yield transform(torch.cat([x, y[:, -1:]], dim=1), _generator(seed + 1, first))
@@ -425,9 +454,10 @@ def run(config: ObjectiveTrainConfig, inputs, ctx, out) -> None:
     try:
         model, loss_model, model_vocab = build_model(config, vocab)
     except (ValueError, KeyError) as exc:
-        raise ConfigError(f"stages.{ctx.step}.config: {exc}") from None
+        raise ConfigError(f"stages.{ctx.step}.config: {_first_line(exc)}") from None
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
+    check_windows(val, config.seq_len)  # too short for one window: fail now, not after training
     windows = WindowLoader(train, config.seq_len, seed=config.seed)
     transforms = {task: objective_transform(config, vocab, task) for task in config.tasks}
     if config.objective == MIXTURE:

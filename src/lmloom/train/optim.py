@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from lmloom.config import StrictConfig
 
 
 class OptimConfig(StrictConfig):
+    # `lr: .inf` (YAML's infinity) passes `gt=0` and would only fail after the guard's rollbacks.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     lr: float = Field(3e-3, gt=0, description="peak learning rate, reached after warmup")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
     warmup_steps: int = Field(50, ge=0)

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 import torch
-from pydantic import Field, create_model, model_validator
+from pydantic import Field, create_model, field_validator, model_validator
 
 from lmloom import distributed
 from lmloom.artifacts.manifest import Manifest
@@ -27,7 +27,7 @@ from lmloom.models.io import model_files, model_from_files
 from lmloom.monitor.sinks import MonitorConfig, open_sinks
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
-from lmloom.tokenizers.loader import WindowLoader, validation_batches
+from lmloom.tokenizers.loader import WindowLoader, check_windows, validation_batches
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tokenizers.shards import TokenShards
 from lmloom.train import parallel as par
@@ -60,7 +60,7 @@ ModelShape = create_model(
 
 
 class PretrainConfig(LoopConfig):
-    seed: int = Field(1337, description="seeds initialisation and the data order")
+    seed: int = Field(1337, ge=0, description="seeds initialisation and the data order")
     model: ModelShape = ModelShape()
     threads: int | None = Field(None, ge=1, description="CPU threads (default: torch's choice)")
     task_weights: dict[str, float] = Field(
@@ -85,6 +85,24 @@ class PretrainConfig(LoopConfig):
         default_factory=MonitorConfig, description="TensorBoard, a Prometheus endpoint, resource sampling"
     )
 
+    @field_validator("task_weights")
+    @classmethod
+    def _weights_not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = sorted(role for role, weight in value.items() if weight < 0)
+        if negative:  # the mixture draws sample shares from the weights
+            raise ValueError(f"weights must be >= 0; negative for {', '.join(negative)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_seq_len_warmup(self) -> PretrainConfig:
+        warmup = self.seq_len_warmup  # seq_len_at ignores a warmup that does not grow: say so instead
+        if warmup.steps and warmup.start >= self.model.seq_len:
+            raise ValueError(
+                f"seq_len_warmup.start = {warmup.start} is not below model.seq_len = {self.model.seq_len}, "
+                "so there is nothing to warm up; lower start or leave seq_len_warmup out"
+            )
+        return self
+
     @model_validator(mode="after")
     def _check_depth_growth(self) -> PretrainConfig:
         growth = self.depth_growth
@@ -103,13 +121,17 @@ def check_encoded_with(shards_art, tok_art, where: str) -> None:
         )
 
 
-def decoder_config(model: ModelShape, tok_art) -> DecoderConfig:
-    """The decoder's shape with the tokenizer's vocabulary filled in (or checked: it may be larger)."""
+def decoder_config(model: ModelShape, tok_art, where: str = "model") -> DecoderConfig:
+    """The decoder's shape with the tokenizer's vocabulary filled in (or checked: it may be larger);
+    `where` is the shape's key in the recipe, for the error."""
     vocab = load_tokenizer(tok_art).vocab_size  # loads (and so checks) the tokenizer before training
     shape = model.model_dump()
     shape["vocab_size"] = shape["vocab_size"] or vocab
     if shape["vocab_size"] < vocab:
-        raise ConfigError(f"model.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab}")
+        raise ConfigError(
+            f"{where}.vocab_size = {shape['vocab_size']}: smaller than the tokenizer's {vocab} "
+            f"(tokenizer {tok_art.short_id}); leave it out to use the tokenizer's"
+        )
     return DecoderConfig.model_validate(shape)
 
 
@@ -118,7 +140,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     check_encoded_with(shards_art, tok_art, f"stages.{ctx.step}.inputs")
     if config.threads:
         torch.set_num_threads(config.threads)
-    model_cfg = decoder_config(config.model, tok_art)
+    model_cfg = decoder_config(config.model, tok_art, f"stages.{ctx.step}.config.model")
 
     launch = distributed.world()
     if launch.launched:
@@ -142,6 +164,7 @@ def run(config: PretrainConfig, inputs, ctx, out) -> None:
     seq_len = model_cfg.seq_len
     train = TokenShards(shards_art, "train")
     val = TokenShards(shards_art, "val")
+    check_windows(val, seq_len)  # a validation split too short for one window fails now, not after training
     data = WindowLoader(train, seq_len, seed=config.seed)
     tasks = _task_shards(config, inputs, tok_art, ctx.step)
     if len(tasks) > 1:
@@ -365,6 +388,9 @@ def _reference_model(config: PretrainConfig, inputs, tok_art, step: str) -> Deco
             f"stages.{step}.inputs.{REFERENCE}: checkpoint {art.short_id} was trained with tokenizer "
             f"{str(used)[:12]}, this run uses {tok_art.short_id}; a reference must share the tokenizer"
         )
+    from lmloom.tune.stage import refuse_adapter_only  # here: train/ does not import tune/ at load
+
+    refuse_adapter_only(art)
     return model_from_files(art.read_bytes).eval()
 
 
@@ -376,10 +402,15 @@ def _task_shards(config: PretrainConfig, inputs, tok_art, step: str) -> dict:
     )
     for role, art in tasks.items():
         check_encoded_with(art, tok_art, f"stages.{step}.inputs.{role}")
+        check_windows(TokenShards(art, "val"), config.model.seq_len)  # each task is validated at the end
     unknown = sorted(set(config.task_weights) - set(tasks))
     if unknown:
         raise ConfigError(
             f"stages.{step}.config.task_weights: no shards input named {', '.join(unknown)}; inputs: {', '.join(tasks)}"
+        )
+    if len(tasks) > 1 and not any(config.task_weights.get(role, 1.0) > 0 for role in tasks):
+        raise ConfigError(  # each sample's task is drawn by weight / sum(weights)
+            f"stages.{step}.config.task_weights: every task has weight 0; give at least one a positive weight"
         )
     return tasks
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field, model_validator
 
 from lmloom.config import StrictConfig
 from lmloom.monitor.metrics import JsonlMetrics
@@ -46,6 +46,10 @@ from lmloom.train.runners import LocalRunner, autocast
 
 
 class LoopConfig(StrictConfig):
+    # Every training stage's numbers: `.inf` passes `gt=0` (DPO's beta, GRPO's temperature) and would
+    # only fail after the stability guard's rollbacks, blamed on the learning rate.
+    model_config = ConfigDict(allow_inf_nan=False)
+
     batch_size: int = Field(16, ge=1, description="sequences per micro-batch (after any batch_size_ramp)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     max_steps: int = Field(300, ge=1, description="optimizer steps")
@@ -71,6 +75,16 @@ class LoopConfig(StrictConfig):
         default_factory=StabilityGuard,
         description="roll back and skip the batch on a non-finite loss/gradient or a loss spike",
     )
+
+    @model_validator(mode="after")
+    def _ramp_grows(self) -> LoopConfig:
+        ramp = self.batch_size_ramp  # batch_size_at ignores a ramp that does not grow: say so instead
+        if ramp.steps and ramp.start >= self.batch_size:
+            raise ValueError(
+                f"batch_size_ramp.start = {ramp.start} is not below batch_size = {self.batch_size}, so "
+                "there is nothing to ramp; lower start or leave batch_size_ramp out"
+            )
+        return self
 
 
 class BatchSource(Protocol):

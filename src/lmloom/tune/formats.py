@@ -287,6 +287,8 @@ def load_preferences(
 def detect_format(path: Path | str) -> str:
     """The format of a file ("alpaca", "messages" or "preference"), from its first JSON object's keys."""
     path = Path(path)
+    if not path.is_file():  # as `_load` says it, rather than open()'s traceback
+        raise DataError(f"{path}: {'a directory, not a data file' if path.is_dir() else 'no such file'}")
     rows = _json_array_rows if _is_json_array(path) else _rows
     for _, row in rows(path, LoadReport(str(path), "auto")):
         if isinstance(row, dict):

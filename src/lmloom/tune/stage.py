@@ -23,6 +23,7 @@ PEFT adapter files next to the model files).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 
 from lmloom.artifacts.manifest import Manifest
-from lmloom.config import validate_config
+from lmloom.config import format_validation_error, validate_config
 from lmloom.errors import ConfigError, DataError
 from lmloom.models.decoder import Decoder
 from lmloom.models.io import model_files, model_from_files
@@ -87,6 +88,20 @@ class SFTConfig(LoopConfig):
     max_steps: int = Field(200, ge=1)
     eval_every: int = Field(100, ge=1)
     optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=20)
+
+    @model_validator(mode="after")
+    def _adapter_blocks(self) -> SFTConfig:
+        """Check the lora / prefix blocks when the recipe is planned, not after the checkpoint has loaded
+        and the safety figures have run (the blocks are plain dicts to keep the stage key as it was)."""
+        from lmloom.tune.lora import LoraSettings
+        from lmloom.tune.prefix import PrefixSettings
+
+        for name, settings in (("lora", LoraSettings), ("prefix", PrefixSettings)):
+            try:
+                settings.model_validate(getattr(self, name))
+            except ValidationError as exc:
+                raise ValueError(format_validation_error(exc, name, settings).replace("\n", "; ")) from None
+        return self
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -275,6 +290,16 @@ def plain_decoder(model: torch.nn.Module) -> Decoder:
     return plain
 
 
+@contextlib.contextmanager
+def _settings_for(where: str) -> Iterator[None]:
+    """Settings the model cannot take (a block past its depth, a prefix as long as its context) are
+    the recipe's mistake: one line naming the block, not a traceback."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def adapt_model(
     config: SFTConfig, model: Decoder, step: str
 ) -> tuple[torch.nn.Module, Callable[[], tuple[Decoder, dict[str, bytes]]]]:
@@ -289,7 +314,8 @@ def adapt_model(
         from lmloom.tune.lora import LoraSettings, apply_lora, merge_lora, save_peft_adapter
 
         settings = validate_config(LoraSettings, config.lora, where)
-        apply_lora(model, settings)  # in place: the base frozen, only the adapters train
+        with _settings_for(where):
+            apply_lora(model, settings)  # in place: the base frozen, only the adapters train
 
         def finish_lora() -> tuple[Decoder, dict[str, bytes]]:
             with tempfile.TemporaryDirectory() as tmp:
@@ -301,7 +327,8 @@ def adapt_model(
     from lmloom.tune.prefix import PrefixSettings, PrefixTuned, save_peft_prefix
 
     settings = validate_config(PrefixSettings, config.prefix, where)
-    tuned = PrefixTuned(model, settings)
+    with _settings_for(where):
+        tuned = PrefixTuned(model, settings)
 
     def finish_prefix() -> tuple[Decoder, dict[str, bytes]]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -314,9 +341,20 @@ def adapt_model(
 # -- the stage --------------------------------------------------------------------------------------
 
 
+def refuse_adapter_only(checkpoint) -> None:
+    """A prefix-tuned checkpoint's model files are its base, unchanged (the prefix is only in the adapter
+    files): a stage that loaded them would silently start from the base and drop the tuning."""
+    if checkpoint.manifest.metadata.get("adapter_only"):
+        raise ConfigError(
+            f"checkpoint {checkpoint.short_id} is a prefix-tuning adapter: its model files are the base model "
+            "without the prefix, which would be lost here; start from a full or LoRA checkpoint"
+        )
+
+
 def open_checkpoint(config, checkpoint):
     """(tokenizer, model in train mode) of the input checkpoint, after applying the stage's `threads`
     and `seed`: how every fine-tuning and alignment stage starts."""
+    refuse_adapter_only(checkpoint)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
