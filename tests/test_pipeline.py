@@ -138,3 +138,62 @@ def test_failed_stage_is_audited_and_leaves_no_artifact(tmp_path):
     assert list((ctx.store.root / "staging").iterdir()) == []
     end = list(AuditLog(ctx.store.root / "audit.jsonl").entries())[-1]
     assert end["event"] == "stage.end" and end["outcome"] == "error" and "DataError" in end["error"]
+
+
+def test_two_runs_of_one_stage_at_once_run_it_once(tmp_path):
+    """Two `lmloom run`s of the same recipe at once: one runs each stage, the other waits for it and
+    reuses the result, instead of both writing one work folder (checkpoints, metrics) at the same time."""
+    import fcntl
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from lmloom.config import load_recipe
+    from lmloom.pipeline import stage_key
+
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"d{i}.txt").write_text(f"Document {i} has several plain words in it, enough to keep. " * 3)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(
+        "name: data-only\nstages:\n  corpus:\n    stage: data.prepare\n    config:\n"
+        f"      sources: [{{type: text-dir, path: {corpus}}}]\n      executor: {{workers: 1}}\n"
+    )
+    store = tmp_path / "store"
+    (store / "work").mkdir(parents=True)
+    (step,) = plan(load_recipe(str(recipe_file)))
+    key = stage_key(step.stage, step.config, {})
+    env = {**os.environ, "LMLOOM_HOME": str(store)}
+
+    def launch():
+        return subprocess.Popen(
+            [sys.executable, "-m", "lmloom", "run", str(recipe_file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+
+    with open(store / "work" / f".{key}.lock", "a") as held:  # a first run, busy with the stage
+        fcntl.flock(held, fcntl.LOCK_EX)
+        runs = [launch(), launch()]
+        waiting = [threading.Event() for _ in runs]
+        seen: list[list[str]] = [[], []]
+
+        def read(i: int) -> None:
+            for line in runs[i].stderr:
+                seen[i].append(line)
+                if "waiting for it" in line:
+                    waiting[i].set()
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+        for reader in readers:
+            reader.start()
+        assert all(event.wait(120) for event in waiting), seen  # both queue behind the busy stage
+        fcntl.flock(held, fcntl.LOCK_UN)
+    for run, reader in zip(runs, readers, strict=True):
+        assert run.wait(120) == 0, "".join(sum(seen, []))
+        reader.join()
+    events = [json.loads(line)["event"] for line in (store / "audit.jsonl").read_text().splitlines()]
+    assert events.count("stage.start") == 1 and events.count("stage.reuse") == 1
+    assert len(list((store / "artifacts").iterdir())) == 1

@@ -13,8 +13,11 @@ store must therefore be one that every rank sees (a shared filesystem or an obje
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lmloom.artifacts.hashing import sha256_json
@@ -199,6 +202,36 @@ def run_step(
             )
     input_ids = {role: artifact.id for role, artifact in inputs.items()}
     key = stage_key(stage, step.config, input_ids, step.encrypt)
+    # Two runs of one stage key would share its work folder (checkpoints, metrics): the second waits,
+    # then reuses what the first published. (Under torchrun every rank runs the stage: no lock there.)
+    with _stage_lock(ctx, key, step.name) if not world().is_distributed else contextlib.nullcontext():
+        return _reuse_or_run(step, inputs, ctx, key, publish)
+
+
+@contextlib.contextmanager
+def _stage_lock(ctx: RunContext, key: str, step: str) -> Iterator[None]:
+    path = ctx.store.root / "work" / f".{key}.lock"  # never removed: unlinking a lock others wait on races
+    with open(path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            ctx.console.print(
+                f"[dim]{step}:[/dim] another run is running this stage with the same inputs and config; "
+                "waiting for it, to reuse its result",
+                highlight=False,
+            )
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _reuse_or_run(
+    step: PlannedStep, inputs: dict[str, Artifact], ctx: RunContext, key: str, publish: bool
+) -> StepResult:
+    stage = step.stage
+    input_ids = {role: artifact.id for role, artifact in inputs.items()}
     started = time.perf_counter()
 
     def audit(event: str, **fields) -> None:
