@@ -15,7 +15,7 @@ import pytest
 from lmloom.artifacts.store import ArtifactStore
 from lmloom.config import Recipe, load_recipe, validate_config
 from lmloom.context import RunContext
-from lmloom.errors import ConfigError, DataError
+from lmloom.errors import ConfigError, DataError, LmloomError
 from lmloom.pipeline import plan, run_plan, run_recipe
 from lmloom.tokenizers.shards import TokenShards
 
@@ -285,6 +285,11 @@ def test_a_prefix_tuned_checkpoint_is_refused_where_its_prefix_would_be_lost(tin
     # DPO used to load those files and train the base, publishing a model without the tuning.
     with pytest.raises(ConfigError, match=f"checkpoint {tuned.artifact.short_id} is a prefix-tuning adapter"):
         run_one(store, "align.dpo", {"checkpoint": tuned.artifact.id}, dpo, "dpo")
+    # Generating, chatting, serving and evaluating loaded the same files and ran the base model.
+    from lmloom.serve.loading import load_checkpoint_artifact
+
+    with pytest.raises(LmloomError, match="lmloom's inference does not apply"):
+        load_checkpoint_artifact(tuned.artifact)
 
 
 def test_lmloom_stages_name_explains_every_key_of_one_stage():

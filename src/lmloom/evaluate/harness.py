@@ -177,11 +177,6 @@ class LmloomLM(TemplateLM):
             if not ref:
                 raise ConfigError("model_args needs model=CHECKPOINT_ID (a unique prefix is enough)")
             artifact = open_checkpoint(store, ref)
-        if artifact.manifest.metadata.get("adapter_only"):  # its model files are the base, unchanged
-            raise LmloomError(
-                f"checkpoint {artifact.short_id} is a prefix-tuning adapter: its model files are the base "
-                "model, so lm_eval would measure the base; evaluate a full or LoRA checkpoint"
-            )
         self.artifact = artifact
         self.model, self.tokenizer = load_checkpoint_artifact(artifact)
         self._device = _device(device)
