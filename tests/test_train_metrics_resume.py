@@ -33,7 +33,7 @@ class Data:
         return rows[:, :-1], rows[:, 1:]
 
 
-def run(folder, *, checkpoint_every: int, die_at: int | None = None):
+def run(folder, *, checkpoint_every: int, die_at: int | None = None, warmup_steps: int = 1, log=None):
     torch.manual_seed(0)
     model = Decoder(DecoderConfig.preset("tiny", vocab_size=VOCAB, seq_len=SEQ))
     cfg = LoopConfig(
@@ -46,7 +46,7 @@ def run(folder, *, checkpoint_every: int, die_at: int | None = None):
         eval_windows=1,
         final_eval_windows=1,
         log_every=1,
-        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+        optim=OptimConfig(lr=1e-3, warmup_steps=warmup_steps),
     )
     val = [Data().batch(10_000, BATCH)]
     metrics = JsonlMetrics(folder / "metrics.jsonl")
@@ -59,7 +59,7 @@ def run(folder, *, checkpoint_every: int, die_at: int | None = None):
         SEQ,
         folder / "checkpoints",
         metrics,
-        log=lambda _msg: None,
+        log=log or (lambda _msg: None),
     )
 
 
@@ -80,3 +80,16 @@ def test_restarted_run_logs_each_step_once(tmp_path, checkpoint_every, resumed_f
     result = run(tmp_path, checkpoint_every=checkpoint_every)
     assert result.resumed_from == resumed_from
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
+
+
+def test_a_warmup_longer_than_the_run_is_said_at_the_start(tmp_path):
+    """Allowed (a short run keeps the recipe's warmup), but the learning rate never reaches optim.lr: say so."""
+    lines: list[str] = []
+    run(tmp_path / "long", checkpoint_every=100, warmup_steps=4 * STEPS, log=lines.append)
+    assert any(
+        "warmup_steps (24) is longer than max_steps (6)" in line and "25% of optim.lr" in line
+        for line in lines
+    )
+    lines.clear()
+    run(tmp_path / "short", checkpoint_every=100, warmup_steps=2, log=lines.append)
+    assert not any("warmup_steps" in line for line in lines)

@@ -172,6 +172,11 @@ def train_loop(
     else:  # a fresh start: whatever an earlier run logged here died with it (it left no checkpoint)
         metrics.truncate_after(-1)
     resumed_from = state.step
+    if cfg.optim.warmup_steps > cfg.max_steps and resumed_from == 0:  # allowed (short runs), but say so
+        log(
+            f"note: optim.warmup_steps ({cfg.optim.warmup_steps}) is longer than max_steps ({cfg.max_steps}): "
+            f"the learning rate ends at {cfg.max_steps / cfg.optim.warmup_steps:.0%} of optim.lr"
+        )
     last = state.extra or {}
     train_loss, val_loss = last.get("train_loss", math.nan), last.get("val_loss")
     # Under torchrun the caller compiled each block before sharding it (FSDP2 wants it that way).
