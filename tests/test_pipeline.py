@@ -163,7 +163,7 @@ def test_two_runs_of_one_stage_at_once_run_it_once(tmp_path):
         f"      sources: [{{type: text-dir, path: {corpus}}}]\n      executor: {{workers: 1}}\n"
     )
     store = tmp_path / "store"
-    (store / "work").mkdir(parents=True)
+    (store / "locks").mkdir(parents=True)
     (step,) = plan(load_recipe(str(recipe_file)))
     key = stage_key(step.stage, step.config, {})
     env = {**os.environ, "LMLOOM_HOME": str(store)}
@@ -174,7 +174,7 @@ def test_two_runs_of_one_stage_at_once_run_it_once(tmp_path):
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
 
-    with open(store / "work" / f".{key}.lock", "a") as held:  # a first run, busy with the stage
+    with open(store / "locks" / f"{key}.lock", "a") as held:  # a first run, busy with the stage
         fcntl.flock(held, fcntl.LOCK_EX)
         runs = [launch(), launch()]
         waiting = [threading.Event() for _ in runs]

@@ -210,7 +210,9 @@ def run_step(
 
 @contextlib.contextmanager
 def _stage_lock(ctx: RunContext, key: str, step: str) -> Iterator[None]:
-    path = ctx.store.root / "work" / f".{key}.lock"  # never removed: unlinking a lock others wait on races
+    folder = ctx.store.root / "locks"  # beside work/, whose folders are one per stage key
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{key}.lock"  # never removed: unlinking a lock others wait on races
     with open(path, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
