@@ -427,8 +427,8 @@ def test_signer_keys_parse_errors_are_clear(tmp_path):
     assert key.private_pem().decode()[40:80] not in str(info.value)
 
 
-def test_a_pipeline_run_signs_every_artifact_it_makes(tmp_path):
-    store = tmp_path / "store"
+def data_only_recipe(tmp_path):
+    """A one-stage recipe (data.prepare over eight JSONL documents) in tmp_path."""
     source = tmp_path / "data.jsonl"
     source.write_text(
         "".join(json.dumps({"text": f"document {i} has enough words to be kept"}) + "\n" for i in range(8))
@@ -438,6 +438,11 @@ def test_a_pipeline_run_signs_every_artifact_it_makes(tmp_path):
         "name: data-only\nstages:\n  corpus:\n    stage: data.prepare\n    config:\n"
         f"      sources: [{{type: jsonl, path: {source}}}]\n      min_chars: 20\n"
     )
+    return recipe
+
+
+def test_a_pipeline_run_signs_every_artifact_it_makes(tmp_path):
+    store, recipe = tmp_path / "store", data_only_recipe(tmp_path)
     lmloom(store, "signing", "init", check=0)
     lmloom(store, "signing", "require", "on", check=0)
     lmloom(store, "run", str(recipe), check=0)
@@ -450,16 +455,7 @@ def test_a_pipeline_run_signs_every_artifact_it_makes(tmp_path):
 
 def test_a_broken_signing_key_stops_a_run_before_any_stage(tmp_path):
     """A key others may read is refused when the run starts, not after a stage has done its work."""
-    store = tmp_path / "store"
-    source = tmp_path / "data.jsonl"
-    source.write_text(
-        "".join(json.dumps({"text": f"document {i} has enough words to be kept"}) + "\n" for i in range(8))
-    )
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        "name: data-only\nstages:\n  corpus:\n    stage: data.prepare\n    config:\n"
-        f"      sources: [{{type: jsonl, path: {source}}}]\n      min_chars: 20\n"
-    )
+    store, recipe = tmp_path / "store", data_only_recipe(tmp_path)
     lmloom(store, "signing", "init", check=0)
     default_key_path(store).chmod(0o644)
     proc = lmloom(store, "run", str(recipe), check=4)

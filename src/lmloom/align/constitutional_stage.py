@@ -48,13 +48,13 @@ from lmloom.align.rewards import PromptTask
 from lmloom.artifacts.manifest import Manifest
 from lmloom.config import StrictConfig
 from lmloom.errors import ConfigError, DataError, LmloomError
-from lmloom.models.io import model_from_files
+from lmloom.models.io import model_from_files, refuse_adapter_only
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import EOS_ID
 from lmloom.tokenizers.loading import load_tokenizer
 from lmloom.tune.chat import escape_markers, reply_text
 from lmloom.tune.safety import load_safety_set
-from lmloom.tune.stage import BUILTIN, builtin_instructions, data_fingerprint, refuse_adapter_only
+from lmloom.tune.stage import BUILTIN, builtin_instructions, data_fingerprint
 
 PAIRS_FILE, SFT_FILE, CRITIQUES_FILE = "pairs.jsonl", "sft.jsonl", "critiques.jsonl"
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
 
 WEIGHTS = "model.safetensors"
@@ -25,6 +26,18 @@ def model_files(model: Decoder) -> dict[str, bytes]:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     payload = {"architecture": "decoder", "config": model.config.model_dump(mode="json")}
     return {WEIGHTS: save_safetensors(state), CONFIG: json.dumps(payload, indent=2).encode("utf-8")}
+
+
+def refuse_adapter_only(checkpoint) -> None:
+    """A prefix-tuned checkpoint's model files are its base, unchanged: the prefix lives only in its PEFT
+    adapter files, which lmloom applies nowhere it loads a model, so any use would silently be the base's."""
+    if checkpoint.manifest.metadata.get("adapter_only"):
+        raise ConfigError(
+            f"checkpoint {checkpoint.short_id} is a prefix-tuning adapter: its model files are the base model "
+            "and the prefix is only in its PEFT adapter files, which lmloom's inference does not apply, nor its "
+            "training (either would use the base); load it with transformers + peft, or use a full or LoRA "
+            "checkpoint"
+        )
 
 
 def model_from_files(read_bytes: Callable[[str], bytes], device: str | torch.device = "cpu") -> Decoder:

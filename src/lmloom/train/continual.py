@@ -21,7 +21,7 @@ from pydantic import Field
 
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
-from lmloom.models.io import model_files, model_from_files
+from lmloom.models.io import model_files, model_from_files, refuse_adapter_only
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
@@ -79,8 +79,6 @@ def run(config: ContinueConfig, inputs, ctx, out) -> None:
         torch.set_num_threads(config.threads)
 
     torch.manual_seed(config.seed)
-    from lmloom.tune.stage import refuse_adapter_only  # here: train/ does not import tune/ at load
-
     refuse_adapter_only(checkpoint)
     model = model_from_files(checkpoint.read_bytes).train()
     seq_len = model.config.seq_len

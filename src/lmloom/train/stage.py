@@ -23,7 +23,7 @@ from lmloom import distributed
 from lmloom.artifacts.manifest import Manifest
 from lmloom.errors import ConfigError
 from lmloom.models.decoder import Decoder, DecoderConfig
-from lmloom.models.io import model_files, model_from_files
+from lmloom.models.io import model_files, model_from_files, refuse_adapter_only
 from lmloom.monitor.sinks import MonitorConfig, open_sinks
 from lmloom.stages import Stage
 from lmloom.tokenizers.base import ALL_TOKENIZER_FILES
@@ -388,8 +388,6 @@ def _reference_model(config: PretrainConfig, inputs, tok_art, step: str) -> Deco
             f"stages.{step}.inputs.{REFERENCE}: checkpoint {art.short_id} was trained with tokenizer "
             f"{str(used)[:12]}, this run uses {tok_art.short_id}; a reference must share the tokenizer"
         )
-    from lmloom.tune.stage import refuse_adapter_only  # here: train/ does not import tune/ at load
-
     refuse_adapter_only(art)
     return model_from_files(art.read_bytes).eval()
 

@@ -41,7 +41,7 @@ from lmloom.artifacts.manifest import Manifest
 from lmloom.config import format_validation_error, validate_config
 from lmloom.errors import ConfigError, DataError
 from lmloom.models.decoder import Decoder
-from lmloom.models.io import model_files, model_from_files
+from lmloom.models.io import model_files, model_from_files, refuse_adapter_only
 from lmloom.monitor.metrics import JsonlMetrics
 from lmloom.serve.generate import generate_stream
 from lmloom.stages import Stage
@@ -339,16 +339,6 @@ def adapt_model(
 
 
 # -- the stage --------------------------------------------------------------------------------------
-
-
-def refuse_adapter_only(checkpoint) -> None:
-    """A prefix-tuned checkpoint's model files are its base, unchanged (the prefix is only in the adapter
-    files): a stage that loaded them would silently start from the base and drop the tuning."""
-    if checkpoint.manifest.metadata.get("adapter_only"):
-        raise ConfigError(
-            f"checkpoint {checkpoint.short_id} is a prefix-tuning adapter: its model files are the base model "
-            "without the prefix, which would be lost here; start from a full or LoRA checkpoint"
-        )
 
 
 def open_checkpoint(config, checkpoint):
